@@ -1,0 +1,71 @@
+"""File I/O shared by every stage: atomic writes and safe loads.
+
+Every artefact is written to a temporary file in the destination folder and renamed into place, so a
+killed job never leaves a half-written file under the final name. Every `torch.load` goes through
+`safe_torch_load`, which uses `weights_only=True`: a file carrying pickled code is refused, not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from utils.errors import UserError
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` to a temp file then rename: readers see the old file or the new one, never half."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def safe_torch_load(path: str | Path, what: str = "file") -> Any:
+    """Load a torch file with `weights_only=True`, turning every failure into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global that is not a tensor/container: pickled code lands here.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
+        raise UserError(f"refusing to load {path}: it is not a plain tensor file ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {what} {path}: corrupt or truncated ({first[:160]})") from None

@@ -1,0 +1,93 @@
+"""Run plumbing shared by the stage scripts: seeds, device choice, logs, and one-line errors."""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch Generator seeded the same way for explicit use."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+class RunLog:
+    """Console + CSV log of rows (dicts), and a JSON summary, all under one output folder."""
+
+    def __init__(self, csv_path: str | Path | None, quiet: bool = False):
+        self.csv_path = Path(csv_path) if csv_path else None
+        self.quiet = quiet
+        self.rows: list[dict] = []
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def row(self, **values: Any) -> None:
+        self.rows.append(values)
+        if self.csv_path is None:
+            return
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with open(tmp, "w", newline="") as f:  # rewritten whole so new columns stay aligned
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.csv_path)
+
+
+def cli_errors(fn: Callable) -> Callable:
+    """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130)
+    return wrapper
+
+
+def progress(iterable, total: int | None = None, desc: str = "", disable: bool | None = None):
+    """tqdm progress bar on stderr, off when stderr is not a terminal unless DDT_PROGRESS=1."""
+    from tqdm import tqdm
+    if disable is None:
+        disable = not (sys.stderr.isatty() or os.environ.get("DDT_PROGRESS") == "1")
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

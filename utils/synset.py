@@ -1,0 +1,379 @@
+"""The on-disk synthetic-set format: the only module that knows it.
+
+A synthetic set is one directory:
+- `synset.pt`  a plain dict, loadable with `torch.load(weights_only=True)`:
+  {"format": "ddtoolkit-synset", "version": 1, "tensors": {name: Tensor}, "labels": int64 Tensor,
+   "lr": 0-dim Tensor or None, "soft_labels": Tensor or None}
+  `tensors` holds whatever the method learns: "images" for pixel sets, the stored images of a multi-formation
+  set, or SPEED's tokens/codes/decoder weights. `labels` are the labels of the STORED rows.
+- `meta.json`  dataset, class names, resolution, channels, value space ("pixel" [0,1], "normalized" with the
+  dataset mean/std, or "zca" = ZCA of pixels), normalisation, the decoder and its arguments, the storage IPC,
+  method and its arguments, seed, git commit, creation time.
+- `zca.pt`     the ZCA state (utils/zca.py) when space == "zca", so the set is usable on its own.
+- `grid.png`   the images shown back in pixel space, one row per class.
+- `images/`    optional ImageFolder export (`export_imagefolder`).
+Writes go to a temp directory that is renamed into place: a killed job leaves no half-written set.
+
+Decoders turn the stored tensors into training images: `register_decoder("name")(fn)`, where
+`fn(tensors, labels, meta) -> (images, labels)` returns images in the set's value space. `validate.py` never
+asks which method made a set. Legacy artefacts are read too: MTT/SPEED `images_*.pt` (+ labels, lr), IDC
+`data.pt` and SRe2L/DWA/DELT ImageFolders.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec, normalize
+from utils.errors import UserError
+from utils.io import atomic_torch_save, safe_torch_load
+
+FORMAT = "ddtoolkit-synset"
+VERSION = 1
+SPACES = ("pixel", "normalized", "zca")
+
+Decoder = Callable[[dict, torch.Tensor, dict], "tuple[torch.Tensor, torch.Tensor]"]
+DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(name: str) -> Callable[[Decoder], Decoder]:
+    """Register a decoder under `name` (the value of meta["decoder"])."""
+    def wrap(fn: Decoder) -> Decoder:
+        DECODERS[name] = fn
+        return fn
+    return wrap
+
+
+@register_decoder("pixels")
+def decode_pixels(tensors: dict, labels: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel sets store their training images directly."""
+    return tensors["images"], labels
+
+
+@dataclass
+class SyntheticSet:
+    tensors: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    meta: dict
+    lr: torch.Tensor | None = None
+    soft_labels: torch.Tensor | None = None
+    zca_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    @property
+    def space(self) -> str:
+        return self.meta["space"]
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images (in the set's value space) and their labels."""
+        name = self.meta.get("decoder", "pixels")
+        if name not in DECODERS:
+            raise UserError(f"synthetic set uses decoder '{name}', which this toolkit version does not have "
+                            f"(known: {', '.join(sorted(DECODERS))})")
+        images, labels = DECODERS[name](self.tensors, self.labels, self.meta)
+        return images.detach().float(), labels.detach().long()
+
+    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images of this set's value space back to pixel space [0, 1] (for grids and exports)."""
+        if self.space == "pixel":
+            x = images
+        elif self.space == "normalized":
+            x = denormalize(images, tuple(self.meta["mean"]), tuple(self.meta["std"]))
+        else:
+            from utils.zca import ZCA
+            if self.zca_state is None:
+                raise UserError("this ZCA set has no zca.pt beside it; cannot show it in pixel space")
+            x = ZCA.from_state_dict(self.zca_state).inverse(images)
+        return x.clamp(0, 1)
+
+
+def make_meta(spec: DatasetSpec, *, space: str, ipc: int, method: str, decoder: str = "pixels",
+              decoder_args: dict | None = None, args: dict | None = None, seed: int | None = None,
+              zca_eps: float | None = None) -> dict:
+    """The meta.json every stage writes; `spec` is the resolved dataset spec (class names filled in)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}")
+    return {
+        "format": FORMAT, "version": VERSION,
+        "dataset": spec.name, "class_names": list(spec.class_names), "num_classes": spec.num_classes,
+        "channels": spec.channels, "resolution": spec.resolution,
+        "mean": list(spec.mean), "std": list(spec.std), "space": space,
+        "zca": None if zca_eps is None else {"eps": zca_eps, "file": "zca.pt"},
+        "ipc": ipc, "decoder": decoder, "decoder_args": decoder_args or {},
+        "method": method, "args": args or {}, "seed": seed,
+        "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overwrite: bool = True) -> Path:
+    """Write the set directory atomically (temp dir + rename); returns its path."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        payload = {"format": FORMAT, "version": VERSION,
+                   "tensors": {k: v.detach().cpu() for k, v in syn.tensors.items()},
+                   "labels": syn.labels.detach().cpu().long(),
+                   "lr": None if syn.lr is None else syn.lr.detach().cpu().reshape(()),
+                   "soft_labels": None if syn.soft_labels is None else syn.soft_labels.detach().cpu()}
+        torch.save(payload, tmp / "synset.pt")
+        (tmp / "meta.json").write_text(json.dumps(syn.meta, indent=2) + "\n")
+        if syn.zca_state is not None:
+            torch.save(syn.zca_state, tmp / "zca.pt")
+        if grid:
+            images, labels = syn.decode()
+            save_grid(syn.to_pixels(images), labels, tmp / "grid.png")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_grid(pixels: torch.Tensor, labels: torch.Tensor, path: str | Path, max_per_class: int = 20,
+              upscale: int | None = None) -> None:
+    """PNG grid, one row per class (up to `max_per_class` images), pixel-space input in [0, 1]."""
+    pixels = pixels.detach().cpu().float().clamp(0, 1)
+    classes = sorted(set(labels.tolist()))
+    rows = [pixels[labels == c][:max_per_class] for c in classes]
+    n_cols = max(len(r) for r in rows)
+    c, h, w = pixels.shape[1:]
+    pad = 2
+    canvas = torch.ones(c, len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, y:y + h, x:x + w] = img
+    arr = (canvas.mul(255).round().byte().permute(1, 2, 0).numpy())
+    im = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    scale = upscale or (max(1, 64 // h))
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def export_imagefolder(syn: SyntheticSet, out_dir: str | Path) -> Path:
+    """Decoded images as PNG files `<out>/<class index:03d>_<name>/<k:04d>.png` (lossless, pixel space)."""
+    images, labels = syn.decode()
+    pixels = syn.to_pixels(images)
+    out = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    counters: dict[int, int] = {}
+    for img, y in zip(pixels, labels.tolist()):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(syn.meta["class_names"][y]))
+        d = tmp / f"{y:03d}_{name}"
+        d.mkdir(exist_ok=True)
+        k = counters.get(y, 0)
+        counters[y] = k + 1
+        arr = img.mul(255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(d / f"{k:04d}.png")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(tmp), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def load_synset(path: str | Path, dataset: str | None = None, space: str | None = None,
+                factor: int | None = None, zca_state: dict | None = None) -> SyntheticSet:
+    """Read a synthetic set: our directory format, or a legacy artefact.
+
+    Legacy formats carry no metadata, so `dataset` is required for them, and:
+    - MTT/SPEED `images_*.pt`: stored in the dataset's normalised space, or ZCA space (pass space="zca" and
+      the ZCA state, e.g. refitted with `--zca`);
+    - IDC `data.pt` ([images, labels], pixel space); `factor` > 1 selects the multi-formation decoder;
+    - SRe2L/DWA/DELT ImageFolder (`new000/class000_id000.jpg`): pixel space.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"synthetic set not found: {p}")
+    if (p / "synset.pt").is_file() or (p / "meta.json").is_file():
+        return _load_native(p)
+    if dataset is None:
+        raise UserError(f"{p} is not a ddtoolkit synthetic set (no synset.pt/meta.json); "
+                        "pass --dataset so it can be read as a legacy MTT/IDC/ImageFolder set")
+    spec = get_dataset_spec(dataset)
+    if p.is_file() and p.suffix in (".pt", ".pth"):
+        obj = safe_torch_load(p, "synthetic set")
+        if isinstance(obj, (list, tuple)) and len(obj) == 2:
+            return _from_idc(obj, spec, p, factor)
+        if isinstance(obj, torch.Tensor):
+            return _from_mtt_dir(p.parent, spec, space, zca_state, images_file=p)
+        raise UserError(f"{p}: not an IDC [data, targets] list nor an image tensor")
+    if p.is_dir():
+        if (p / "data.pt").is_file():
+            return _from_idc(safe_torch_load(p / "data.pt", "IDC data.pt"), spec, p / "data.pt", factor)
+        if list(p.glob("images_*.pt")):
+            return _from_mtt_dir(p, spec, space, zca_state)
+        if any(d.is_dir() for d in p.iterdir()):
+            return _from_imagefolder(p, spec)
+    raise UserError(f"{p}: no synthetic set found (expected synset.pt, images_best.pt, data.pt or class folders)")
+
+
+def _load_native(p: Path) -> SyntheticSet:
+    for name in ("synset.pt", "meta.json"):
+        if not (p / name).is_file():
+            raise UserError(f"synthetic set {p} is incomplete: {name} is missing")
+    payload = safe_torch_load(p / "synset.pt", "synthetic set")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{p / 'synset.pt'} is not a ddtoolkit synthetic set")
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p / 'meta.json'} is corrupt: {e}") from None
+    zca_state = safe_torch_load(p / "zca.pt", "ZCA state") if meta.get("space") == "zca" else None
+    return SyntheticSet(payload["tensors"], payload["labels"], meta, payload.get("lr"),
+                        payload.get("soft_labels"), zca_state)
+
+
+def _legacy_meta(spec: DatasetSpec, labels: torch.Tensor, space: str, method: str, images: torch.Tensor,
+                 source: Path, **kw) -> dict:
+    n_classes = spec.num_classes or int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=n_classes)
+    names = list(spec.class_names) or [str(i) for i in range(n_classes)]
+    meta = make_meta(spec, space=space, ipc=int(counts.max()), method=method, **kw)
+    meta.update(class_names=names, num_classes=n_classes, channels=int(images.shape[1]),
+                resolution=int(images.shape[-1]), source=str(source))
+    return meta
+
+
+def _from_mtt_dir(d: Path, spec: DatasetSpec, space: str | None, zca_state: dict | None,
+                  images_file: Path | None = None) -> SyntheticSet:
+    """MTT/SPEED: images_<tag>.pt, labels_<tag>.pt, lr_<tag>.pt (tag 'best' preferred, else the highest it)."""
+    if images_file is None:
+        tags = [f.stem[len("images_"):] for f in d.glob("images_*.pt")]
+        tag = "best" if "best" in tags else max(tags, key=lambda t: int(t) if t.isdigit() else -1)
+        images_file = d / f"images_{tag}.pt"
+    tag = images_file.stem[len("images_"):]
+    images = safe_torch_load(images_file, "MTT images")
+    labels_file = d / f"labels_{tag}.pt"
+    if labels_file.is_file():
+        labels = safe_torch_load(labels_file, "MTT labels").long()
+    else:  # MTT stores class-major sets; without a labels file, infer them
+        n = spec.num_classes
+        if not n or len(images) % n:
+            raise UserError(f"{images_file}: no labels file and {len(images)} images do not split into {n} classes")
+        labels = torch.arange(n).repeat_interleave(len(images) // n)
+    lr_file = d / f"lr_{tag}.pt"
+    lr = safe_torch_load(lr_file, "MTT lr") if lr_file.is_file() else None
+    if isinstance(lr, (float, int)):
+        lr = torch.tensor(float(lr))
+    space = space or ("zca" if zca_state is not None else "normalized")
+    if space == "zca" and zca_state is None:
+        raise UserError("this MTT set lives in ZCA space: pass --zca so the ZCA is refitted on the train split")
+    _check_shapes(images, labels, spec, images_file)
+    meta = _legacy_meta(spec, labels, space, "mtt-legacy", images, images_file,
+                        zca_eps=0.1 if space == "zca" else None)
+    return SyntheticSet({"images": images.float()}, labels, meta,
+                        None if lr is None else torch.as_tensor(lr).float().reshape(()), None, zca_state)
+
+
+def _from_idc(obj, spec: DatasetSpec, source: Path, factor: int | None) -> SyntheticSet:
+    """IDC data.pt: [data, targets], stored images in pixel space; the factor comes from the user."""
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
+        raise UserError(f"{source}: an IDC data.pt must hold [data, targets] tensors")
+    images, labels = obj[0].float(), obj[1].long()
+    _check_shapes(images, labels, spec, source)
+    factor = factor or 1
+    decoder = "pixels" if factor == 1 else "multiformation"
+    meta = _legacy_meta(spec, labels, "pixel", "idc-legacy", images, source, decoder=decoder,
+                        decoder_args={"factor": factor} if factor > 1 else {})
+    return SyntheticSet({"images": images}, labels, meta)
+
+
+def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
+    """SRe2L/DWA/DELT output: one folder per class in label order (new000, new001, ...)."""
+    classes = sorted(c for c in d.iterdir() if c.is_dir())
+    if spec.num_classes and len(classes) != spec.num_classes:
+        raise UserError(f"{d} has {len(classes)} class folders but {spec.name} has {spec.num_classes} classes")
+    res = spec.resolution
+    images, labels = [], []
+    for y, c in enumerate(classes):
+        files = sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"class folder {c} holds no images")
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if spec.channels == 1 else "RGB")
+                    if res and im.size != (res, res):
+                        im = im.resize((res, res), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except OSError as e:
+                raise UserError(f"corrupt or unreadable image {f}: {e}") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            images.append(torch.from_numpy(arr.copy()))
+            labels.append(y)
+    x = torch.stack(images).float() / 255
+    lab = torch.tensor(labels)
+    meta = _legacy_meta(spec, lab, "pixel", "imagefolder", x, d)
+    return SyntheticSet({"images": x}, lab, meta)
+
+
+def _check_shapes(images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec, source: Path) -> None:
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"{source}: expected images [N,C,H,W] and N labels, got {tuple(images.shape)} and "
+                        f"{tuple(labels.shape)}")
+    if spec.channels and images.shape[1] != spec.channels:
+        raise UserError(f"{source}: images have {images.shape[1]} channels but {spec.name} has {spec.channels}")
+    if spec.num_classes and int(labels.max()) >= spec.num_classes:
+        raise UserError(f"{source}: label {int(labels.max())} out of range for {spec.name} "
+                        f"({spec.num_classes} classes)")
+
+
+def check_compatible(syn: SyntheticSet, spec: DatasetSpec) -> None:
+    """A set made for another dataset, class count or resolution is refused before any training."""
+    m = syn.meta
+    if m["dataset"] != spec.name:
+        raise UserError(f"synthetic set was made for {m['dataset']}, not {spec.name}")
+    if m["num_classes"] != spec.num_classes:
+        raise UserError(f"synthetic set has {m['num_classes']} classes, {spec.name} has {spec.num_classes}")
+    images, _ = syn.decode()
+    if images.shape[-1] != spec.resolution or images.shape[1] != spec.channels:
+        raise UserError(f"synthetic images are {tuple(images.shape[1:])}, {spec.name} data is "
+                        f"({spec.channels}, {spec.resolution}, {spec.resolution}); pass --res to match")
+
+
+def pixel_set(images_pixels: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec, method: str, **meta_kw
+              ) -> SyntheticSet:
+    """Convenience: a pixel-space set (e.g. a coreset) in our format."""
+    ipc = int(torch.bincount(labels, minlength=spec.num_classes).max())
+    meta = make_meta(spec, space="pixel", ipc=ipc, method=method, **meta_kw)
+    return SyntheticSet({"images": images_pixels.float()}, labels.long(), meta)
