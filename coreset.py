@@ -1,0 +1,92 @@
+"""coreset.py: write a real-image subset (IPC images per class) as a synthetic set.
+
+    python coreset.py --dataset FashionMNIST --ipc 10 --seed 0 --out runs/fmnist_random_ipc10
+
+The set is stored in pixel space with the `pixels` decoder, so `validate.py --syn` reads it like any distilled
+set; this is the harness check (a random subset must score like `--baseline random`) and the reference point
+every method is compared against.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from utils.datasets import load_split, to_pixels
+from utils.errors import UserError
+from utils.misc import cli_errors
+from utils.synset import pixel_set, save_synset
+
+SELECTORS = {}
+
+
+def selector(name: str):
+    def wrap(fn):
+        SELECTORS[name] = fn
+        return fn
+    return wrap
+
+
+@selector("random")
+def select_random(labels: torch.Tensor, num_classes: int, ipc: int, seed: int, **_) -> torch.Tensor:
+    """`ipc` uniformly random images per class (seeded), class-major."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(num_classes):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < ipc:
+            raise UserError(f"class {c} has {len(pool)} images; IPC {ipc} is larger than what is available")
+        out.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
+    return torch.cat(out)
+
+
+@selector("first")
+def select_first(labels: torch.Tensor, num_classes: int, ipc: int, seed: int, **_) -> torch.Tensor:
+    """The first `ipc` images of each class in dataset order (what IDC's `-s random` actually does)."""
+    out = []
+    for c in range(num_classes):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < ipc:
+            raise UserError(f"class {c} has {len(pool)} images; IPC {ipc} is larger than what is available")
+        out.append(pool[:ipc])
+    return torch.cat(out)
+
+
+app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command()
+@cli_errors
+def main(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name, e.g. FashionMNIST, CIFAR10."),
+    data_path: Path = typer.Option(Path("data"), "--data-path", "--data_path", help="Raw dataset folder."),
+    ipc: int = typer.Option(..., "--ipc", help="Images per class."),
+    method: str = typer.Option("random", "--method", "-s", help=f"Selection rule: {', '.join(SELECTORS)}."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random selection."),
+    out: Path = typer.Option(..., "--out", help="Output synthetic-set directory."),
+    res: Optional[int] = typer.Option(None, "--res", help="Override the dataset resolution."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    export: bool = typer.Option(False, "--export-imagefolder", help="Also write the images as PNG class folders."),
+):
+    """Select IPC real images per class and save them as a synthetic set (with grid.png)."""
+    if method not in SELECTORS:
+        raise UserError(f"unknown --method '{method}' ({', '.join(SELECTORS)})")
+    if ipc < 1:
+        raise UserError("--ipc must be at least 1")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    data, spec = load_split(dataset, data_path, "train", resolution=res)
+    idx = SELECTORS[method](data.labels, spec.num_classes, ipc, seed)
+    syn = pixel_set(to_pixels(data.images[idx]), data.labels[idx], spec, method=f"coreset-{method}",
+                    args={"ipc": ipc, "method": method, "seed": seed}, seed=seed)
+    save_synset(syn, out)
+    if export:
+        from utils.synset import export_imagefolder
+        export_imagefolder(syn, out / "images")
+    print(f"wrote {len(idx)} images ({ipc} per class) to {out}")
+
+
+if __name__ == "__main__":
+    app()

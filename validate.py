@@ -1,0 +1,261 @@
+"""validate.py: train fresh networks on a distilled set and report honest test accuracy.
+
+    python validate.py --syn DIR --dataset FashionMNIST --model ConvNet-3 --epochs 300 --runs 5 \
+        --baseline random --results results/fmnist.json
+
+Every arm ("syn", and the baselines "random" and "full") is trained with the same recipe and the same explicit
+seeds (run i uses seed + i), and is measured once on the real test set after its last epoch: no epoch or
+checkpoint is ever chosen on the test set. Accuracies are fractions; std is the population std over runs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import typer
+
+from networks import EVAL_POOLS, get_network
+from networks.registry import eval_pool
+from utils.datasets import DatasetSpec, load_split, normalize, to_pixels
+from utils.dsa import DSA
+from utils.errors import UserError
+from utils.io import atomic_write_json
+from utils.misc import RunLog, cli_errors, resolve_device
+from utils.synset import SyntheticSet, check_compatible, load_synset
+from utils.train import TrainRecipe, evaluate, train_network
+
+ARMS = ("syn", "random", "full")
+
+
+def default_model(resolution: int) -> str:
+    """ConvNet deep enough to reach a 4×4 map (speed.md §2): 28/32 px -> ConvNet-3, 64 -> 4, 128 -> 5."""
+    if resolution <= 32:
+        return "ConvNet-3"
+    depth = int(round(math.log2(resolution / 4)))
+    return f"ConvNet-{depth}" if depth <= 6 else "ResNet-18"
+
+
+def input_space(spec: DatasetSpec, space: str, zca_state: dict | None) -> tuple[Callable, Callable]:
+    """Maps into the network's input space, for real uint8 images and for synthetic images of `space`.
+
+    Pixel and normalised sets train in the dataset's normalised space; ZCA sets train in ZCA space, and then the
+    real images (test set, baselines) go through the same train-fitted ZCA (speed.md §1.2).
+    """
+    if space == "zca":
+        from utils.zca import ZCA
+        zca = ZCA.from_state_dict(zca_state)
+
+        def real(x):
+            return zca.transform(to_pixels(x))
+        return real, (lambda x: x)
+
+    def real(x):
+        return normalize(to_pixels(x), spec.mean, spec.std)
+
+    def syn(x):
+        return normalize(x, spec.mean, spec.std) if space == "pixel" else x
+    return real, syn
+
+
+def summarize(accs: list[float], seeds: list[int]) -> dict:
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "runs": [float(a) for a in accs],
+            "seeds": seeds}
+
+
+def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, prepare: Callable,
+              spec: DatasetSpec, recipe: TrainRecipe, seeds: list[int], test: tuple, device: torch.device,
+              log: RunLog, pick: Callable[[int], tuple] | None = None) -> dict:
+    """Train one fresh `model` per seed on the arm's data; `pick(seed)` may draw the data per run."""
+    accs = []
+    for seed in seeds:
+        torch.manual_seed(seed)  # network init comes from the global RNG; the generator drives data order + DSA
+        gen = torch.Generator().manual_seed(seed)
+        if pick is not None:
+            inputs, labels = pick(seed)
+        net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
+        t0 = time.time()
+        losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}")
+        acc = evaluate(net, test[0], test[1], device, test[2], batch_standardize=recipe.batch_standardize)
+        accs.append(acc)
+        log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
+                final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
+        log.info(f"  {model} {arm:6s} seed {seed}: test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+    return summarize(accs, seeds)
+
+
+def validate(syn: SyntheticSet | None, spec: DatasetSpec, train: tuple | None, test: tuple, *,
+             models: list[str], recipe: TrainRecipe, baselines: list[str], runs: int, seed: int, ipc: int | None,
+             full_recipe: TrainRecipe | None, device: torch.device, log: RunLog,
+             space: str = "normalized", zca_state: dict | None = None) -> dict:
+    """Run every arm for every model. `train` = (uint8 images, labels) of the real train split (for baselines);
+    `test` = (uint8 images, labels). Returns {model: {arm: summary}}."""
+    real_prep, syn_prep = input_space(spec, space, zca_state)
+    seeds = [seed + i for i in range(runs)]
+    test3 = (test[0], test[1], real_prep)
+    out: dict[str, dict] = {}
+    for model in models:
+        res: dict[str, dict] = {}
+        if syn is not None:
+            images, labels = syn.decode()
+            res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, test3, device, log)
+        if "random" in baselines:
+            def pick(s, _ipc=ipc):
+                idx = _random_subset(train[1], spec.num_classes, _ipc, s)
+                return train[0][idx], train[1][idx]
+            res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, test3, device,
+                                      log, pick=pick)
+            res["random"]["ipc"] = ipc
+        if "full" in baselines:
+            res["full"] = train_arm("full", model, train[0], train[1], real_prep, spec, full_recipe, seeds, test3,
+                                    device, log)
+        out[model] = res
+    return out
+
+
+def _random_subset(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + seed)  # offset: the subset draw never shares a stream with init
+    idx = []
+    for c in range(num_classes):
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < ipc:
+            raise UserError(f"random baseline needs {ipc} images of class {c}, the train split has {len(pool)}")
+        idx.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
+    return torch.cat(idx)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command()
+@cli_errors
+def main(
+    syn: Optional[Path] = typer.Option(None, "--syn", "--syn-path", help="Synthetic set: a ddtoolkit directory, or "
+                                       "a legacy MTT images_*.pt folder, IDC data.pt or SRe2L-style ImageFolder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (default: the set's "
+                                          "meta.json). E.g. FashionMNIST, CIFAR10, TinyImageNet, imagenette."),
+    data_path: Path = typer.Option(Path("data"), "--data-path", "--data_path", help="Folder with the raw dataset "
+                                   "files (idx .gz, CIFAR batches or JPEG tree/tarball, Tiny layout, ImageFolder)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Network to train (default: ConvNet of the depth "
+                                        "that fits the resolution, e.g. ConvNet-3 at 28/32 px)."),
+    eval_mode: str = typer.Option("S", "--eval-mode", "--eval_mode", help="S: only --model; M: the "
+                                  "cross-architecture pool as well (see networks.EVAL_POOLS)."),
+    epochs: int = typer.Option(300, "--epochs", "--epoch_eval_train", help="Training epochs per run (the papers "
+                               "use 1000; lr drops ×0.1 after half with the default step schedule)."),
+    runs: int = typer.Option(5, "--runs", "--num_eval", help="Fresh networks per arm; run i uses seed + i."),
+    seed: int = typer.Option(0, "--seed", help="Base seed: network init, batch order, DSA, random subsets."),
+    lr: Optional[float] = typer.Option(None, "--lr", "--lr_net", help="SGD lr (default: the set's learned lr "
+                                       "if it has one, else 0.01)."),
+    batch_size: int = typer.Option(256, "--batch-size", "--batch_train", help="Training batch size."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", "--wd", help="SGD weight decay."),
+    schedule: str = typer.Option("step", "--schedule", help="lr schedule: step (×0.1 at E/2), multistep "
+                                 "(×0.2 at 2E/3 and 5E/6), cosine, none."),
+    dsa: bool = typer.Option(True, "--dsa/--no-dsa", help="Differentiable siamese augmentation on every batch."),
+    dsa_strategy: str = typer.Option("color_crop_cutout_flip_scale_rotate", "--dsa-strategy", "--dsa_strategy",
+                                     help="DSA families, joined by '_'."),
+    dsa_mode: str = typer.Option("single", "--dsa-mode", help="single: one family per batch (MTT); all: every "
+                                 "family; idc: flip, color, one geometric op, cutout."),
+    batch_standardize: bool = typer.Option(False, "--batch-standardize", help="SPEED's per-batch scalar "
+                                           "standardisation of inputs (speed.md §1.3)."),
+    baseline: list[str] = typer.Option([], "--baseline", help="Also train on: 'random' (a random real subset of "
+                                       "the set's storage IPC, same recipe and seeds) and/or 'full' (all real "
+                                       "training data). Repeat the flag for several."),
+    ipc: Optional[int] = typer.Option(None, "--ipc", help="IPC of the random baseline (default: the set's "
+                                      "storage IPC); required when no --syn is given."),
+    full_epochs: int = typer.Option(20, "--full-epochs", help="Epochs of the 'full' baseline."),
+    full_lr: float = typer.Option(0.01, "--full-lr", help="lr of the 'full' baseline."),
+    zca: bool = typer.Option(False, "--zca", help="Train in ZCA space (fit on the train split, eps 0.1); needed "
+                             "for legacy MTT sets distilled with ZCA, and for ZCA baselines without a set."),
+    factor: Optional[int] = typer.Option(None, "--factor", "-f", help="Legacy IDC data.pt: multi-formation "
+                                         "factor (not stored in those files)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Override the dataset resolution (ImageFolder, "
+                                      "ImageNet subsets)."),
+    test_per_class: Optional[int] = typer.Option(None, "--test-per-class", help="Evaluate on this many random "
+                                                 "test images per class (quick CPU checks; recorded in results)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Results JSON (default: <syn>/results.json, "
+                                           "or results/validate.json); a CSV with one row per run goes beside."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    download: bool = typer.Option(False, "--download", help="Try torchvision's downloader when files are missing."),
+    quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
+):
+    """Train fresh networks on a distilled set (and baselines) and report last-epoch test accuracy."""
+    for b in baseline:
+        if b not in ("random", "full"):
+            raise UserError(f"unknown --baseline '{b}' (random, full)")
+    if syn is None and not baseline:
+        raise UserError("nothing to train: give --syn and/or --baseline")
+    if eval_mode not in EVAL_POOLS:
+        raise UserError(f"unknown --eval-mode '{eval_mode}' ({', '.join(EVAL_POOLS)})")
+    dev = resolve_device(device)
+
+    zca_state = None
+    if zca:
+        from utils.zca import ZCA
+        if dataset is None:
+            raise UserError("--zca needs --dataset")
+        tr, _ = load_split(dataset, data_path, "train", resolution=res, download=download)
+        zca_state = ZCA.fit(to_pixels(tr.images), eps=0.1).state_dict()
+
+    synset = None
+    if syn is not None:
+        synset = load_synset(syn, dataset=dataset, factor=factor, zca_state=zca_state)
+        dataset = dataset or synset.meta["dataset"]
+        if synset.space == "zca":
+            zca_state = synset.zca_state
+    space = synset.space if synset is not None else ("zca" if zca else "normalized")
+
+    need_train = bool(baseline)
+    train = None
+    if need_train:
+        tr, spec = load_split(dataset, data_path, "train", resolution=res, download=download)
+        train = (tr.images, tr.labels)
+    te, spec = load_split(dataset, data_path, "test", resolution=res, download=download,
+                          per_class=test_per_class, seed=seed)
+    if synset is not None:
+        check_compatible(synset, spec)
+    ipc = ipc or (synset.meta["ipc"] if synset is not None else None)
+    if "random" in baseline and not ipc:
+        raise UserError("--baseline random needs --ipc when no --syn is given")
+
+    if lr is None:
+        lr = float(synset.lr) if synset is not None and synset.lr is not None else 0.01
+    aug = DSA(dsa_strategy, mode=dsa_mode) if dsa else None
+    recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         batch_size=batch_size, schedule=schedule, dsa=aug, batch_standardize=batch_standardize)
+    full_recipe = TrainRecipe(**{**asdict(recipe), "epochs": full_epochs, "lr": full_lr, "dsa": aug})
+    base_model = model or default_model(spec.resolution)
+    models = list(dict.fromkeys([base_model, *eval_pool(eval_mode, base_model)]))
+
+    if results is None:
+        results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
+    log = RunLog(results.with_suffix(".csv"), quiet=quiet)
+    log.info(f"validate: {dataset} ({spec.num_classes} classes, {spec.resolution}px), models {models}, "
+             f"{runs} runs, {epochs} epochs, lr {lr:g}, device {dev}")
+    t0 = time.time()
+    by_model = validate(synset, spec, train, (te.images, te.labels), models=models, recipe=recipe,
+                        baselines=baseline, runs=runs, seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev,
+                        log=log, space=space, zca_state=zca_state)
+    config = {k: v for k, v in locals().items() if k in (
+        "dataset", "data_path", "epochs", "runs", "seed", "lr", "batch_size", "momentum", "weight_decay", "schedule",
+        "dsa", "dsa_strategy", "dsa_mode", "batch_standardize", "baseline", "ipc", "full_epochs", "full_lr", "zca",
+        "factor", "res", "test_per_class", "eval_mode")}
+    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
+              "space": space, "test_images": len(te.labels), "seconds": round(time.time() - t0, 1),
+              **by_model[base_model], "by_model": by_model, "config": config,
+              "note": "test accuracy after the last epoch (fractions); std = population std over runs"}
+    atomic_write_json(report, results)
+    for m, arms in by_model.items():
+        for arm, s in arms.items():
+            print(f"{m:14s} {arm:7s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f} %  ({len(s['runs'])} runs)")
+    print(f"results: {results}")
+
+
+if __name__ == "__main__":
+    app()
