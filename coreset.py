@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import typer
 
-from utils.datasets import load_split, to_pixels
+from utils.datasets import load_split, per_class_indices, to_pixels
 from utils.errors import UserError
 from utils.misc import cli_errors
 from utils.synset import pixel_set, save_synset
@@ -32,14 +32,7 @@ def selector(name: str):
 @selector("random")
 def select_random(labels: torch.Tensor, num_classes: int, ipc: int, seed: int, **_) -> torch.Tensor:
     """`ipc` uniformly random images per class (seeded), class-major."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for c in range(num_classes):
-        pool = torch.nonzero(labels == c).flatten()
-        if len(pool) < ipc:
-            raise UserError(f"class {c} has {len(pool)} images; IPC {ipc} is larger than what is available")
-        out.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
-    return torch.cat(out)
+    return per_class_indices(labels, num_classes, ipc, seed)
 
 
 @selector("first")

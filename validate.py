@@ -21,7 +21,8 @@ import typer
 
 from networks import EVAL_POOLS, get_network
 from networks.registry import eval_pool
-from utils.datasets import DatasetSpec, load_split, normalize, to_pixels
+from utils.datasets import (DatasetSpec, FileDataset, dataset_labels, load_split, normalize, open_split,
+                            per_class_indices, take, to_pixels)
 from utils.dsa import DSA
 from utils.errors import UserError
 from utils.io import atomic_write_json
@@ -80,7 +81,8 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
         net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
         t0 = time.time()
         losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}")
-        acc = evaluate(net, test[0], test[1], device, test[2], batch_standardize=recipe.batch_standardize)
+        acc = evaluate(net, test[0], device, test[1], batch_standardize=recipe.batch_standardize,
+                       workers=test[2])
         accs.append(acc)
         log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
                 final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
@@ -88,15 +90,20 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
     return summarize(accs, seeds)
 
 
-def validate(syn: SyntheticSet | None, spec: DatasetSpec, train: tuple | None, test: tuple, *,
+def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
              models: list[str], recipe: TrainRecipe, baselines: list[str], runs: int, seed: int, ipc: int | None,
              full_recipe: TrainRecipe | None, device: torch.device, log: RunLog,
-             space: str = "normalized", zca_state: dict | None = None) -> dict:
-    """Run every arm for every model. `train` = (uint8 images, labels) of the real train split (for baselines);
-    `test` = (uint8 images, labels). Returns {model: {arm: summary}}."""
+             space: str = "normalized", zca_state: dict | None = None, workers: int = 0) -> dict:
+    """Run every arm for every model. `train` (for the baselines) and `test` are real splits as `open_split`
+    datasets of uint8 images, or (images, labels) pairs. Returns {model: {arm: summary}}."""
     real_prep, syn_prep = input_space(spec, space, zca_state)
     seeds = [seed + i for i in range(runs)]
-    test3 = (test[0], test[1], real_prep)
+    test3 = (test, real_prep, workers)
+    if isinstance(train, tuple):
+        train = torch.utils.data.TensorDataset(*train)
+    if "full" in baselines and isinstance(train, FileDataset):
+        raise UserError("--baseline full needs the train split in memory, and this one is too large; "
+                        "pass --train-subset N (images per class)")
     out: dict[str, dict] = {}
     for model in models:
         res: dict[str, dict] = {}
@@ -104,28 +111,24 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train: tuple | None, t
             images, labels = syn.decode()
             res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, test3, device, log)
         if "random" in baselines:
+            train_labels = dataset_labels(train)
+
             def pick(s, _ipc=ipc):
-                idx = _random_subset(train[1], spec.num_classes, _ipc, s)
-                return train[0][idx], train[1][idx]
+                idx = _random_subset(train_labels, spec.num_classes, _ipc, s)
+                return take(train, idx), train_labels[idx]
             res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, test3, device,
                                       log, pick=pick)
             res["random"]["ipc"] = ipc
         if "full" in baselines:
-            res["full"] = train_arm("full", model, train[0], train[1], real_prep, spec, full_recipe, seeds, test3,
+            res["full"] = train_arm("full", model, *train.tensors, real_prep, spec, full_recipe, seeds, test3,
                                     device, log)
         out[model] = res
     return out
 
 
 def _random_subset(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(10_000 + seed)  # offset: the subset draw never shares a stream with init
-    idx = []
-    for c in range(num_classes):
-        pool = torch.nonzero(labels == c).flatten()
-        if len(pool) < ipc:
-            raise UserError(f"random baseline needs {ipc} images of class {c}, the train split has {len(pool)}")
-        idx.append(pool[torch.randperm(len(pool), generator=g)[:ipc]])
-    return torch.cat(idx)
+    """The random baseline's images for run `seed`; offset so the draw never shares a stream with network init."""
+    return per_class_indices(labels, num_classes, ipc, 10_000 + seed)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -177,6 +180,9 @@ def main(
                                          "factor (not stored in those files)."),
     res: Optional[int] = typer.Option(None, "--res", help="Override the dataset resolution (ImageFolder, "
                                       "ImageNet subsets)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Baselines draw from this many random "
+                                               "train images per class (CPU runs; recorded in results)."),
+    workers: int = typer.Option(0, "--workers", help="Data-loading workers when a split is streamed from files."),
     test_per_class: Optional[int] = typer.Option(None, "--test-per-class", help="Evaluate on this many random "
                                                  "test images per class (quick CPU checks; recorded in results)."),
     results: Optional[Path] = typer.Option(None, "--results", help="Results JSON (default: <syn>/results.json, "
@@ -211,13 +217,19 @@ def main(
             zca_state = synset.zca_state
     space = synset.space if synset is not None else ("zca" if zca else "normalized")
 
-    need_train = bool(baseline)
     train = None
-    if need_train:
-        tr, spec = load_split(dataset, data_path, "train", resolution=res, download=download)
+    if baseline and train_subset:
+        tr, spec = load_split(dataset, data_path, "train", per_class=train_subset, seed=seed, resolution=res,
+                              download=download)
         train = (tr.images, tr.labels)
-    te, spec = load_split(dataset, data_path, "test", resolution=res, download=download,
-                          per_class=test_per_class, seed=seed)
+    elif baseline:
+        train, spec = open_split(dataset, data_path, "train", resolution=res, download=download)
+    if test_per_class:
+        te, spec = load_split(dataset, data_path, "test", resolution=res, download=download,
+                              per_class=test_per_class, seed=seed)
+        test = (te.images, te.labels)
+    else:
+        test, spec = open_split(dataset, data_path, "test", resolution=res, download=download)
     if synset is not None:
         check_compatible(synset, spec)
     ipc = ipc or (synset.meta["ipc"] if synset is not None else None)
@@ -236,18 +248,19 @@ def main(
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
     log = RunLog(results.with_suffix(".csv"), quiet=quiet)
-    log.info(f"validate: {dataset} ({spec.num_classes} classes, {spec.resolution}px), models {models}, "
-             f"{runs} runs, {epochs} epochs, lr {lr:g}, device {dev}")
+    arms = (["syn"] if synset is not None else []) + list(baseline)
+    log.info(f"validate: {spec.name} ({spec.num_classes} classes, {spec.resolution}px), arms {arms}, models "
+             f"{models}, {runs} runs, {epochs} epochs (full: {full_epochs}), lr {lr:g}, device {dev}")
     t0 = time.time()
-    by_model = validate(synset, spec, train, (te.images, te.labels), models=models, recipe=recipe,
-                        baselines=baseline, runs=runs, seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev,
-                        log=log, space=space, zca_state=zca_state)
+    by_model = validate(synset, spec, train, test, models=models, recipe=recipe, baselines=baseline, runs=runs,
+                        seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev, log=log, space=space,
+                        zca_state=zca_state, workers=workers)
     config = {k: v for k, v in locals().items() if k in (
         "dataset", "data_path", "epochs", "runs", "seed", "lr", "batch_size", "momentum", "weight_decay", "schedule",
         "dsa", "dsa_strategy", "dsa_mode", "batch_standardize", "baseline", "ipc", "full_epochs", "full_lr", "zca",
-        "factor", "res", "test_per_class", "eval_mode")}
+        "factor", "res", "train_subset", "test_per_class", "eval_mode")}
     report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
-              "space": space, "test_images": len(te.labels), "seconds": round(time.time() - t0, 1),
+              "space": space, "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
               **by_model[base_model], "by_model": by_model, "config": config,
               "note": "test accuracy after the last epoch (fractions); std = population std over runs"}
     atomic_write_json(report, results)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from networks.convnet import check_choice, make_norm, mnist_padding_boost, require_size
+from networks.convnet import FeatureNet, check_choice, make_norm, mnist_padding_boost, require_size
 from utils.errors import UserError
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeatureNet):
     """Five convs (128, 192, 256, 192, 192 channels; 5x5, 5x5, 3x3, 3x3, 3x3), ReLU, three 2x2 max
     pools, no norm, one Linear. 32 px -> 4x4x192 = 3072 features."""
 
@@ -37,12 +37,6 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch * size * size, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
 
 # Channel plans; "M" is a 2x2 max pool. Five pools, so 32 px ends at 1x1x512.
 VGG_PLANS = {
@@ -54,7 +48,7 @@ VGG_PLANS = {
 }
 
 
-class VGG(nn.Module):
+class VGG(FeatureNet):
     """VGG-D for small images: [3x3 conv (bias) -> norm -> ReLU] per plan entry, max pools, then
     flatten and one Linear (no 4096-wide MLP head). Norm is instance (GroupNorm, one group per
     channel) for VGG-11 and BatchNorm for VGG-11-BN, as in the MTT family."""
@@ -81,14 +75,8 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch * size * size, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
-
-class LeNet(nn.Module):
+class LeNet(FeatureNet):
     """LeNet-5: 5x5 conv (6) -> ReLU -> max pool -> 5x5 conv (16) -> ReLU -> max pool, then
     Linear 120 -> ReLU -> Linear 84 -> ReLU (the embedding) -> classifier. 28 px 1-channel input gets
     padding 2 on the first conv so both MNIST and CIFAR end at 5x5x16."""
@@ -108,11 +96,8 @@ class LeNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.hidden(self.features(x).flatten(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
-
-class MLP(nn.Module):
+class MLP(FeatureNet):
     """Flattened pixels -> Linear 128 -> ReLU -> Linear 128 -> ReLU (the embedding) -> classifier."""
 
     def __init__(self, channels: int, num_classes: int, resolution: int, hidden: int = 128):
@@ -123,6 +108,3 @@ class MLP(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.hidden(x.flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))

@@ -83,7 +83,21 @@ def _activation(kind: str) -> nn.Module:
 
 # --- the network --------------------------------------------------------------------------------
 
-class ConvNet(nn.Module):
+class FeatureNet(nn.Module):
+    """Base of every registry network: `forward(x) = classifier(embed(x))`.
+
+    Subclasses define `embed` (flattened penultimate features; default: `features(x)` flattened) and a
+    `classifier` Linear, which is what DREAM's clustering and feature-based coresets use.
+    """
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(FeatureNet):
     """ConvNet-D (idc_dream.md 4.1, speed.md 2).
 
     Layers live in one flat `features` Sequential (absent norm/pool layers are left out, not replaced
@@ -118,10 +132,3 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feature_dim = width * size * size
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features, flattened (DREAM's `embed`, idc_dream.md 4.1)."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from networks.convnet import check_choice, make_norm, require_size
+from networks.convnet import FeatureNet, check_choice, make_norm, require_size
 from utils.errors import UserError
 
 # ImageNet layout: depth -> (block kind, blocks per stage). Bottleneck from 50 on (idc_dream.md 4.2).
@@ -134,7 +134,7 @@ def _stem(kind: str, channels: int, width: int, norm: str, downsample: str) -> t
     return nn.Sequential(*layers), shrink
 
 
-class ResNet(nn.Module):
+class ResNet(FeatureNet):
     """IDC's ResNet (strided) and ResNetAP (average-pool) in one class, idc_dream.md 4.2 and 4.3.
 
     `layout="imagenet"`: stem chosen by resolution, widths 64w/128w/256w/512w, blocks from STAGES.
@@ -195,9 +195,6 @@ class ResNet(nn.Module):
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
 
 def resnet_ap(channels: int, num_classes: int, resolution: int, depth: int = 10,

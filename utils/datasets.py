@@ -461,14 +461,14 @@ def decode_files(fs: FileSplit, indices: list[int], channels: int, resolution: i
 
 # --------------------------------------------------------------------------------------------- loading
 
-def _per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
+def per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
     """`per_class` random indices of each class (seeded), class-major, for `--train-subset` and baselines."""
     g = torch.Generator().manual_seed(seed)
     picked = []
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < per_class:
-            raise UserError(f"class {c} has only {len(idx)} images, {per_class} were asked for")
+            raise UserError(f"class {c} has only {len(idx)} images, {per_class} per class were asked for")
         picked.append(idx[torch.randperm(len(idx), generator=g)[:per_class]].sort().values)
     return torch.cat(picked)
 
@@ -495,14 +495,9 @@ def _maybe_download(spec: DatasetSpec, root: Path, split: str) -> None:
         raise UserError(f"{spec.name}: download failed ({str(e).splitlines()[0][:120]}); {spec.hint}") from None
 
 
-def load_split(name: str, data_path: str | Path, split: str = "train", per_class: int | None = None,
-               seed: int = 0, resolution: int | None = None, download: bool = False,
-               cache_dir: Path | None = None, progress: bool = True) -> tuple[Split, DatasetSpec]:
-    """Load a whole split (or `per_class` seeded random images per class) into one uint8 tensor.
-
-    Returns the split and the resolved spec (for ImageFolder: classes/resolution filled in from the data).
-    File-based splits are decoded once and cached in `cache_dir` (default ~/.cache/ddtoolkit) as a tensor file.
-    """
+def read_split(name: str, data_path: str | Path, split: str, download: bool = False
+               ) -> tuple[DatasetSpec, Path, Split | FileSplit]:
+    """Find and index a split: small formats come back decoded (`Split`), image trees as a `FileSplit`."""
     spec = get_dataset_spec(name)
     if split not in ("train", "test"):
         raise UserError(f"unknown split '{split}' (train or test)")
@@ -516,12 +511,68 @@ def load_split(name: str, data_path: str | Path, split: str = "train", per_class
             raise
         _maybe_download(spec, root, split)
         raw = spec.reader(spec, root, split, download)
+    return spec, root, raw
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """A file split decoded on demand: item i -> (uint8 [C, R, R], label). For splits too large for memory."""
+
+    def __init__(self, fs: FileSplit, channels: int, resolution: int, resize: str):
+        self.files, self.labels = fs.files, torch.tensor(fs.labels, dtype=torch.int64)
+        self.channels, self.resolution, self.resize = channels, resolution, resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = _decode_image(self.files[i], self.channels, self.resolution, self.resize, str(self.files[i]))
+        return img, int(self.labels[i])
+
+
+def open_split(name: str, data_path: str | Path, split: str = "train", resolution: int | None = None,
+               download: bool = False, max_memory_gb: float = 4.0, progress: bool = True
+               ) -> tuple[torch.utils.data.Dataset, DatasetSpec]:
+    """A split as a torch Dataset of (uint8 image, label): held in memory (a TensorDataset, via `load_split`)
+    when its decoded size is under `max_memory_gb`, else streamed from its files (`FileDataset`)."""
+    spec, root, raw = read_split(name, data_path, split, download)
+    res = resolution or spec.resolution
+    if isinstance(raw, FileSplit) and raw.archive is None:
+        if not res:
+            res = _decode_image(raw.files[0], spec.channels, 0, spec.resize, str(raw.files[0])).shape[-1]
+        if len(raw.files) * spec.channels * res * res > max_memory_gb * 2**30:
+            spec = replace(spec, class_names=raw.class_names, num_classes=len(raw.class_names), resolution=res)
+            return FileDataset(raw, spec.channels, res, spec.resize), spec
+    data, spec = load_split(name, data_path, split, resolution=resolution, download=download, progress=progress)
+    return torch.utils.data.TensorDataset(data.images, data.labels), spec
+
+
+def dataset_labels(ds: torch.utils.data.Dataset) -> torch.Tensor:
+    """All labels of an `open_split` dataset, without decoding images."""
+    return ds.labels if isinstance(ds, FileDataset) else ds.tensors[1]
+
+
+def take(ds: torch.utils.data.Dataset, idx: torch.Tensor) -> torch.Tensor:
+    """The uint8 images at `idx` of an `open_split` dataset, stacked."""
+    if isinstance(ds, FileDataset):
+        return torch.stack([ds[int(i)][0] for i in idx])
+    return ds.tensors[0][idx]
+
+
+def load_split(name: str, data_path: str | Path, split: str = "train", per_class: int | None = None,
+               seed: int = 0, resolution: int | None = None, download: bool = False,
+               cache_dir: Path | None = None, progress: bool = True) -> tuple[Split, DatasetSpec]:
+    """Load a whole split (or `per_class` seeded random images per class) into one uint8 tensor.
+
+    Returns the split and the resolved spec (for ImageFolder: classes/resolution filled in from the data).
+    File-based splits are decoded once and cached in `cache_dir` (default ~/.cache/ddtoolkit) as a tensor file.
+    """
+    spec, root, raw = read_split(name, data_path, split, download)
     res = resolution or spec.resolution
     if isinstance(raw, FileSplit):
         labels = torch.tensor(raw.labels, dtype=torch.int64)
         num_classes = len(raw.class_names)
         if per_class is not None:
-            idx = _per_class_indices(labels, num_classes, per_class, seed).tolist()
+            idx = per_class_indices(labels, num_classes, per_class, seed).tolist()
             images = decode_files(raw, idx, spec.channels, res, spec.resize, progress)
             labels = labels[idx]
         else:
@@ -532,7 +583,7 @@ def load_split(name: str, data_path: str | Path, split: str = "train", per_class
         if res and data.images.shape[-1] != res:
             data = Split(_resize_uint8(data.images, res), data.labels, data.class_names)
         if per_class is not None:
-            idx = _per_class_indices(data.labels, len(data.class_names), per_class, seed)
+            idx = per_class_indices(data.labels, len(data.class_names), per_class, seed)
             data = Split(data.images[idx], data.labels[idx], data.class_names)
     spec = replace(spec, class_names=data.class_names, num_classes=len(data.class_names),
                    resolution=int(data.images.shape[-1]))

@@ -96,15 +96,26 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
     return losses
 
 
+def _batches(data, batch_size: int, workers: int):
+    """Batches of (images, labels) from a pair of tensors, a TensorDataset, or any Dataset of (image, label)."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = tuple(data.tensors)
+    if isinstance(data, tuple):
+        x, y = data
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+
+
 @torch.no_grad()
-def evaluate(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             prepare: Prepare = identity, batch_size: int = 500, batch_standardize: bool = False) -> float:
-    """Top-1 accuracy (a fraction) of `net` on the given set."""
+def evaluate(net: nn.Module, data, device: torch.device, prepare: Prepare = identity, batch_size: int = 500,
+             batch_standardize: bool = False, workers: int = 0) -> float:
+    """Top-1 accuracy (a fraction) of `net` on `data`: (inputs, labels) tensors or a Dataset (streamed)."""
     net.to(device).eval()
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        x = prepare(inputs[start:start + batch_size].to(device))
+    correct = total = 0
+    for x, y in _batches(data, batch_size, workers):
+        x = prepare(x.to(device))
         if batch_standardize:
             x = standardize_batch(x)
-        correct += (net(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
-    return correct / len(inputs)
+        correct += (net(x).argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return correct / max(total, 1)
