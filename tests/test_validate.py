@@ -154,3 +154,49 @@ def test_cross_architecture_pool(mnist, tmp_path):
     rep = json.loads((tmp_path / "m.json").read_text())
     assert list(rep["by_model"]) == ["ConvNet-3", "AlexNet", "VGG-11", "ResNet-18-BN"]
     assert all(len(m["random"]["runs"]) == 1 for m in rep["by_model"].values())
+
+
+def test_legacy_mtt_zca_set_trains_in_zca_space(tmp_path, monkeypatch):
+    """An MTT set distilled with ZCA: --zca refits the ZCA on the train split and maps the test set through it."""
+    from PIL import Image
+    from utils.zca import ZCA
+    monkeypatch.setenv("DDT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            d = tmp_path / "tree" / split / f"c{c}"
+            d.mkdir(parents=True)
+            for k in range(6):
+                arr = rng.integers(0, 80, (8, 8, 3)).astype(np.uint8)
+                arr[:, :4 if c == 0 else 8] += 150
+                Image.fromarray(arr).save(d / f"{k}.png")
+    tr, spec = load_split("ImageFolder", tmp_path / "tree", "train")
+    zca = ZCA.fit(to_pixels(tr.images), eps=0.1)
+    mtt = tmp_path / "mtt"
+    mtt.mkdir()
+    torch.save(zca.transform(to_pixels(tr.images[[0, 6]])), mtt / "images_best.pt")
+    torch.save(torch.tensor([0, 1]), mtt / "labels_best.pt")
+    args = ["--syn", str(mtt), "--dataset", "ImageFolder", "--data-path", str(tmp_path / "tree"), "--model", "MLP",
+            "--epochs", "30", "--runs", "1", "--no-dsa", "--quiet", "--results", str(tmp_path / "z.json")]
+    # Legacy files carry no marker of ZCA: without --zca they are read as MTT's normalised space (documented).
+    r = CliRunner().invoke(validate.app, args)
+    assert r.exit_code == 0 and json.loads((tmp_path / "z.json").read_text())["space"] == "normalized"
+    r = CliRunner().invoke(validate.app, args + ["--zca"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "z.json").read_text())
+    assert rep["space"] == "zca" and rep["syn"]["mean"] > 0.5  # above chance from one ZCA'd example per class
+    real_prep, syn_prep = validate.input_space(spec, "zca", zca.state_dict())
+    assert torch.allclose(real_prep(tr.images[:3]), zca.transform(to_pixels(tr.images[:3])), atol=1e-5)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(syn_prep(x), x)  # ZCA sets are already in the training space
+
+
+def test_input_space_pixel_and_normalized_sets_meet_real_data():
+    from utils.datasets import get_dataset_spec, normalize
+    spec = get_dataset_spec("CIFAR10")
+    real = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for space in ("pixel", "normalized"):
+        real_prep, syn_prep = validate.input_space(spec, space, None)
+        pix = to_pixels(real)
+        same = syn_prep(pix if space == "pixel" else normalize(pix, spec.mean, spec.std))
+        assert torch.allclose(real_prep(real), same, atol=1e-6)
