@@ -30,15 +30,13 @@ from utils.misc import RunLog, cli_errors, resolve_device
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.train import TrainRecipe, evaluate, train_network
 
-ARMS = ("syn", "random", "full")
-
-
 def default_model(resolution: int) -> str:
     """ConvNet deep enough to reach a 4×4 map (speed.md §2): 28/32 px -> ConvNet-3, 64 -> 4, 128 -> 5."""
     if resolution <= 32:
         return "ConvNet-3"
-    depth = int(round(math.log2(resolution / 4)))
-    return f"ConvNet-{depth}" if depth <= 6 else "ResNet-18"
+    if resolution <= 128:
+        return f"ConvNet-{int(round(math.log2(resolution / 4)))}"
+    return "ResNet-18"  # ImageNet resolution: torchvision ResNet-18 (decoupled.md §1.2)
 
 
 def input_space(spec: DatasetSpec, space: str, zca_state: dict | None) -> tuple[Callable, Callable]:
@@ -69,9 +67,10 @@ def summarize(accs: list[float], seeds: list[int]) -> dict:
 
 
 def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, prepare: Callable,
-              spec: DatasetSpec, recipe: TrainRecipe, seeds: list[int], test: tuple, device: torch.device,
-              log: RunLog, pick: Callable[[int], tuple] | None = None) -> dict:
-    """Train one fresh `model` per seed on the arm's data; `pick(seed)` may draw the data per run."""
+              spec: DatasetSpec, recipe: TrainRecipe, seeds: list[int], score: Callable[[torch.nn.Module], float],
+              device: torch.device, log: RunLog, pick: Callable[[int], tuple] | None = None) -> dict:
+    """Train one fresh `model` per seed on the arm's data and `score` it once, after the last epoch;
+    `pick(seed)` may draw the data per run."""
     accs = []
     for seed in seeds:
         torch.manual_seed(seed)  # network init comes from the global RNG; the generator drives data order + DSA
@@ -81,8 +80,7 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
         net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
         t0 = time.time()
         losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}")
-        acc = evaluate(net, test[0], device, test[1], batch_standardize=recipe.batch_standardize,
-                       workers=test[2])
+        acc = score(net)
         accs.append(acc)
         log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
                 final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
@@ -98,7 +96,9 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
     datasets of uint8 images, or (images, labels) pairs. Returns {model: {arm: summary}}."""
     real_prep, syn_prep = input_space(spec, space, zca_state)
     seeds = [seed + i for i in range(runs)]
-    test3 = (test, real_prep, workers)
+
+    def score(net):  # the real test set, mapped like the baselines' real images
+        return evaluate(net, test, device, real_prep, batch_standardize=recipe.batch_standardize, workers=workers)
     if isinstance(train, tuple):
         train = torch.utils.data.TensorDataset(*train)
     if "full" in baselines and isinstance(train, FileDataset):
@@ -109,18 +109,18 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
         res: dict[str, dict] = {}
         if syn is not None:
             images, labels = syn.decode()
-            res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, test3, device, log)
+            res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, score, device, log)
         if "random" in baselines:
             train_labels = dataset_labels(train)
 
             def pick(s, _ipc=ipc):
                 idx = _random_subset(train_labels, spec.num_classes, _ipc, s)
                 return take(train, idx), train_labels[idx]
-            res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, test3, device,
+            res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, score, device,
                                       log, pick=pick)
             res["random"]["ipc"] = ipc
         if "full" in baselines:
-            res["full"] = train_arm("full", model, *train.tensors, real_prep, spec, full_recipe, seeds, test3,
+            res["full"] = train_arm("full", model, *train.tensors, real_prep, spec, full_recipe, seeds, score,
                                     device, log)
         out[model] = res
     return out

@@ -118,6 +118,7 @@ def test_set_from_another_dataset_is_refused(mnist, tmp_path):
 def test_default_model_depth():
     assert validate.default_model(28) == "ConvNet-3" and validate.default_model(32) == "ConvNet-3"
     assert validate.default_model(64) == "ConvNet-4" and validate.default_model(128) == "ConvNet-5"
+    assert validate.default_model(224) == "ResNet-18"
 
 
 def test_streamed_test_split_matches_in_memory(tmp_path, monkeypatch):
