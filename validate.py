@@ -40,18 +40,23 @@ def default_model(resolution: int) -> str:
 
 
 def input_space(spec: DatasetSpec, space: str, zca_state: dict | None) -> tuple[Callable, Callable]:
-    """Maps into the network's input space, for real uint8 images and for synthetic images of `space`.
+    """Maps into the network's input space, for real uint8 images and for synthetic images of value `space`.
 
-    Pixel and normalised sets train in the dataset's normalised space; ZCA sets train in ZCA space, and then the
-    real images (test set, baselines) go through the same train-fitted ZCA (speed.md §1.2).
+    Without a ZCA state, training happens in the dataset's normalised space (pixel sets are normalised). With one
+    (a ZCA set, or `--zca`), training happens in ZCA space: the real images (test set, baselines) and pixel-space
+    sets go through the same train-fitted ZCA (speed.md §1.2).
     """
-    if space == "zca":
+    if zca_state is not None:
         from utils.zca import ZCA
         zca = ZCA.from_state_dict(zca_state)
+        if space == "normalized":
+            raise UserError("this set lives in normalised space; it cannot be trained in ZCA space (drop --zca)")
 
         def real(x):
             return zca.transform(to_pixels(x))
-        return real, (lambda x: x)
+        return real, (zca.transform if space == "pixel" else (lambda x: x))
+    if space == "zca":
+        raise UserError("this set lives in ZCA space but no ZCA state was given (pass --zca)")
 
     def real(x):
         return normalize(to_pixels(x), spec.mean, spec.std)
@@ -174,8 +179,9 @@ def main(
                                       "storage IPC); required when no --syn is given."),
     full_epochs: int = typer.Option(20, "--full-epochs", help="Epochs of the 'full' baseline."),
     full_lr: float = typer.Option(0.01, "--full-lr", help="lr of the 'full' baseline."),
-    zca: bool = typer.Option(False, "--zca", help="Train in ZCA space (fit on the train split, eps 0.1); needed "
-                             "for legacy MTT sets distilled with ZCA, and for ZCA baselines without a set."),
+    zca: bool = typer.Option(False, "--zca", help="Train in ZCA space (fit on the train split, eps 0.1): legacy "
+                             "MTT sets distilled with ZCA, pixel sets and baselines under MTT's CIFAR protocol. "
+                             "Sets saved in ZCA space carry their own ZCA and need no flag."),
     factor: Optional[int] = typer.Option(None, "--factor", "-f", help="Legacy IDC data.pt: multi-formation "
                                          "factor (not stored in those files)."),
     res: Optional[int] = typer.Option(None, "--res", help="Override the dataset resolution (ImageFolder, "
@@ -215,7 +221,7 @@ def main(
         dataset = dataset or synset.meta["dataset"]
         if synset.space == "zca":
             zca_state = synset.zca_state
-    space = synset.space if synset is not None else ("zca" if zca else "normalized")
+    space = synset.space if synset is not None else "pixel"  # baselines alone: real pixels, mapped like a pixel set
 
     train = None
     if baseline and train_subset:
@@ -260,7 +266,8 @@ def main(
         "dsa", "dsa_strategy", "dsa_mode", "batch_standardize", "baseline", "ipc", "full_epochs", "full_lr", "zca",
         "factor", "res", "train_subset", "test_per_class", "eval_mode")}
     report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
-              "space": space, "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
+              "space": "zca" if zca_state is not None else "normalized",
+              "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
               **by_model[base_model], "by_model": by_model, "config": config,
               "note": "test accuracy after the last epoch (fractions); std = population std over runs"}
     atomic_write_json(report, results)

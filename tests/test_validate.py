@@ -43,15 +43,19 @@ def small_recipe(epochs=3):
     return TrainRecipe(epochs=epochs, lr=0.01, batch_size=32)
 
 
-def test_set_equal_to_random_subset_scores_exactly_like_the_random_arm(mnist):
+@pytest.mark.parametrize("zca", [False, True])
+def test_set_equal_to_random_subset_scores_exactly_like_the_random_arm(mnist, zca):
+    from utils.zca import ZCA
     tr, spec = load_split("MNIST", mnist, "train")
     te, _ = load_split("MNIST", mnist, "test")
     seed, ipc = 7, 2
     idx = validate._random_subset(tr.labels, 10, ipc, seed)
     syn = pixel_set(to_pixels(tr.images[idx]), tr.labels[idx], spec, method="copy")
+    zca_state = ZCA.fit(to_pixels(tr.images)).state_dict() if zca else None
     out = validate.validate(syn, spec, (tr.images, tr.labels), (te.images, te.labels), models=["ConvNet-1"],
                             recipe=small_recipe(), baselines=["random"], runs=1, seed=seed, ipc=ipc,
-                            full_recipe=None, device=torch.device("cpu"), log=RunLog(None, quiet=True))
+                            full_recipe=None, device=torch.device("cpu"), log=RunLog(None, quiet=True),
+                            space="pixel", zca_state=zca_state)
     res = out["ConvNet-1"]
     assert res["syn"]["seeds"] == res["random"]["seeds"] == [seed]
     assert res["syn"]["runs"] == res["random"]["runs"]
@@ -201,3 +205,6 @@ def test_input_space_pixel_and_normalized_sets_meet_real_data():
         pix = to_pixels(real)
         same = syn_prep(pix if space == "pixel" else normalize(pix, spec.mean, spec.std))
         assert torch.allclose(real_prep(real), same, atol=1e-6)
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="pass --zca"):
+        validate.input_space(spec, "zca", None)
