@@ -207,18 +207,19 @@ def main(
         raise UserError(f"unknown --eval-mode '{eval_mode}' ({', '.join(EVAL_POOLS)})")
     dev = resolve_device(device)
 
+    if dataset is None and syn is not None:  # our sets name their dataset; legacy files need --dataset
+        dataset = load_synset(syn).meta["dataset"]
+    if dataset is None:
+        raise UserError("--dataset is required when no --syn set names it")
     zca_state = None
     if zca:
         from utils.zca import ZCA
-        if dataset is None:
-            raise UserError("--zca needs --dataset")
         tr, _ = load_split(dataset, data_path, "train", resolution=res, download=download)
         zca_state = ZCA.fit(to_pixels(tr.images), eps=0.1).state_dict()
 
     synset = None
     if syn is not None:
         synset = load_synset(syn, dataset=dataset, factor=factor, zca_state=zca_state)
-        dataset = dataset or synset.meta["dataset"]
         if synset.space == "zca":
             zca_state = synset.zca_state
     space = synset.space if synset is not None else "pixel"  # baselines alone: real pixels, mapped like a pixel set

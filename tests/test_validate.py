@@ -208,3 +208,14 @@ def test_input_space_pixel_and_normalized_sets_meet_real_data():
     from utils.errors import UserError
     with pytest.raises(UserError, match="pass --zca"):
         validate.input_space(spec, "zca", None)
+
+
+def test_zca_flag_with_a_native_set_takes_the_dataset_from_meta(mnist, tmp_path):
+    tr, spec = load_split("MNIST", mnist, "train")
+    save_synset(pixel_set(to_pixels(tr.images[::10]), tr.labels[::10], spec, method="x"), tmp_path / "s")
+    r = CliRunner().invoke(validate.app, ["--syn", str(tmp_path / "s"), "--data-path", str(mnist), "--zca",
+                                          "--epochs", "1", "--runs", "1", "--model", "ConvNet-1", "--quiet",
+                                          "--results", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["dataset"] == "MNIST" and rep["space"] == "zca"
