@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,11 +81,3 @@ def progress(iterable, total: int | None = None, desc: str = "", disable: bool |
     if disable is None:
         disable = not (sys.stderr.isatty() or os.environ.get("DDT_PROGRESS") == "1")
     return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
