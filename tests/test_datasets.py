@@ -152,7 +152,7 @@ def test_wrong_layout_and_corrupt_image_are_one_line_errors(tmp_path, cache):
 
 
 def test_svhn_mat(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io", reason="scipy is in requirements-dev.txt")
+    import scipy.io as scipy_io  # requirements-dev.txt
     x = rand_images(3, 3, 32)
     scipy_io.savemat(tmp_path / "test_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.array([[10], [1], [9]])})
     te, _ = load_split("SVHN", tmp_path, "test")
