@@ -120,9 +120,8 @@ class DatasetSpec:
 # ---------------------------------------------------------------------------------------------- readers
 
 def _candidates(root: Path, spec: DatasetSpec) -> list[Path]:
-    dirs = [root, root / "raw", root / spec.name, root / spec.name / "raw"]
-    dirs += [Path(p) for p in spec.default_paths]
-    return [d for d in dirs]
+    """Where flat raw files may sit: the folder itself, torchvision's `raw/` layouts, the system default."""
+    return [root, root / "raw", root / spec.name, root / spec.name / "raw", *map(Path, spec.default_paths)]
 
 
 def _missing(spec: DatasetSpec, what: str, where: list[Path] | Path) -> UserError:
@@ -621,14 +620,17 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
+def _channel_stats(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    as_view = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # noqa: E731
+    return as_view(mean), as_view(std)
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Pixel space [0, 1] -> the network's input space, per channel."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(x, mean, std)
     return (x - m) / s
 
 
 def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(x, mean, std)
     return x * s + m
