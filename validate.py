@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -207,8 +207,10 @@ def main(
         raise UserError(f"unknown --eval-mode '{eval_mode}' ({', '.join(EVAL_POOLS)})")
     dev = resolve_device(device)
 
+    synset = None
     if dataset is None and syn is not None:  # our sets name their dataset; legacy files need --dataset
-        dataset = load_synset(syn).meta["dataset"]
+        synset = load_synset(syn)
+        dataset = synset.meta["dataset"]
     if dataset is None:
         raise UserError("--dataset is required when no --syn set names it")
     zca_state = None
@@ -217,8 +219,7 @@ def main(
         tr, _ = load_split(dataset, data_path, "train", resolution=res, download=download)
         zca_state = ZCA.fit(to_pixels(tr.images), eps=0.1).state_dict()
 
-    synset = None
-    if syn is not None:
+    if syn is not None and synset is None:
         synset = load_synset(syn, dataset=dataset, factor=factor, zca_state=zca_state)
         if synset.space == "zca":
             zca_state = synset.zca_state
@@ -248,10 +249,16 @@ def main(
     aug = DSA(dsa_strategy, mode=dsa_mode) if dsa else None
     recipe = TrainRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          batch_size=batch_size, schedule=schedule, dsa=aug, batch_standardize=batch_standardize)
-    full_recipe = TrainRecipe(**{**asdict(recipe), "epochs": full_epochs, "lr": full_lr, "dsa": aug})
+    full_recipe = replace(recipe, epochs=full_epochs, lr=full_lr)
     base_model = model or default_model(spec.resolution)
     models = list(dict.fromkeys([base_model, *eval_pool(eval_mode, base_model)]))
 
+    config = dict(dataset=spec.name, data_path=str(data_path), syn=str(syn) if syn else None, models=models,
+                  epochs=epochs, runs=runs, seed=seed, lr=lr, batch_size=batch_size, momentum=momentum,
+                  weight_decay=weight_decay, schedule=schedule, dsa=dsa, dsa_strategy=dsa_strategy, dsa_mode=dsa_mode,
+                  batch_standardize=batch_standardize, baseline=baseline, ipc=ipc, full_epochs=full_epochs,
+                  full_lr=full_lr, zca=zca, factor=factor, res=res, train_subset=train_subset,
+                  test_per_class=test_per_class, eval_mode=eval_mode)
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
     log = RunLog(results.with_suffix(".csv"), quiet=quiet)
@@ -262,10 +269,6 @@ def main(
     by_model = validate(synset, spec, train, test, models=models, recipe=recipe, baselines=baseline, runs=runs,
                         seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev, log=log, space=space,
                         zca_state=zca_state, workers=workers)
-    config = {k: v for k, v in locals().items() if k in (
-        "dataset", "data_path", "epochs", "runs", "seed", "lr", "batch_size", "momentum", "weight_decay", "schedule",
-        "dsa", "dsa_strategy", "dsa_mode", "batch_standardize", "baseline", "ipc", "full_epochs", "full_lr", "zca",
-        "factor", "res", "train_subset", "test_per_class", "eval_mode")}
     report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
               "space": "zca" if zca_state is not None else "normalized",
               "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
