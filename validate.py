@@ -6,9 +6,12 @@
 Every arm ("syn", and the baselines "random" and "full") is trained with the same recipe and the same explicit
 seeds (run i uses seed + i), and is measured once on the real test set after its last epoch: no epoch or
 checkpoint is ever chosen on the test set. Accuracies are fractions; std is the population std over runs.
+Finished runs are recorded one CSV row each, so the same command after an interruption resumes with the next run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import replace
@@ -78,6 +81,11 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
     `pick(seed)` may draw the data per run."""
     accs = []
     for seed in seeds:
+        done = log.find(model=model, arm=arm, seed=seed)
+        if done is not None:  # finished by an earlier, interrupted invocation of the same configuration
+            accs.append(float(done["test_acc"]))
+            log.info(f"  {model} {arm:6s} seed {seed}: test acc {accs[-1]:.4f} (resumed from {log.csv_path})")
+            continue
         torch.manual_seed(seed)  # network init comes from the global RNG; the generator drives data order + DSA
         gen = torch.Generator().manual_seed(seed)
         if pick is not None:
@@ -195,6 +203,8 @@ def main(
                                            "or results/validate.json); a CSV with one row per run goes beside."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     download: bool = typer.Option(False, "--download", help="Try torchvision's downloader when files are missing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard the runs recorded in an existing results "
+                                   "CSV instead of resuming from them (needed when its configuration differs)."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
 ):
     """Train fresh networks on a distilled set (and baselines) and report last-epoch test accuracy."""
@@ -261,7 +271,13 @@ def main(
                   test_per_class=test_per_class, eval_mode=eval_mode)
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
-    log = RunLog(results.with_suffix(".csv"), quiet=quiet)
+    # Per-run resume: every finished run is a CSV row tagged with a fingerprint of this configuration; the same
+    # command again skips those runs. A CSV of another configuration is never mixed in.
+    key = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    log = RunLog(results.with_suffix(".csv"), quiet=quiet, constant={"config": key}, resume=not overwrite)
+    if any(r.get("config") != key for r in log.rows):
+        raise UserError(f"{results.with_suffix('.csv')} holds runs of another configuration; "
+                        "pass --overwrite or choose another --results")
     arms = (["syn"] if synset is not None else []) + list(baseline)
     log.info(f"validate: {spec.name} ({spec.num_classes} classes, {spec.resolution}px), arms {arms}, models "
              f"{models}, {runs} runs, {epochs} epochs (full: {full_epochs}), lr {lr:g}, device {dev}")

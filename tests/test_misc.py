@@ -31,6 +31,10 @@ def test_runlog_csv_keeps_columns_aligned(tmp_path):
     log.row(a=1, b=2)
     log.row(a=3, c=4)
     assert (tmp_path / "log.csv").read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
+    back = RunLog(tmp_path / "log.csv", quiet=True, constant={"k": "x"}, resume=True)
+    assert back.find(a=3)["c"] == "4" and back.find(a=9) is None
+    back.row(a=5)
+    assert back.rows[-1] == {"a": 5, "k": "x"}
 
 
 def test_cli_errors_turns_user_error_into_exit_2(capsys):

@@ -186,9 +186,9 @@ def test_legacy_mtt_zca_set_trains_in_zca_space(tmp_path, monkeypatch):
     # Legacy files carry no marker of ZCA: without --zca they are read as MTT's normalised space (documented).
     r = CliRunner().invoke(validate.app, args)
     assert r.exit_code == 0 and json.loads((tmp_path / "z.json").read_text())["space"] == "normalized"
-    r = CliRunner().invoke(validate.app, args + ["--zca"])
+    r = CliRunner().invoke(validate.app, args[:-1] + [str(tmp_path / "z2.json"), "--zca"])
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "z.json").read_text())
+    rep = json.loads((tmp_path / "z2.json").read_text())
     assert rep["space"] == "zca" and rep["syn"]["mean"] > 0.5  # above chance from one ZCA'd example per class
     real_prep, syn_prep = validate.input_space(spec, "zca", zca.state_dict())
     assert torch.allclose(real_prep(tr.images[:3]), zca.transform(to_pixels(tr.images[:3])), atol=1e-5)
@@ -219,3 +219,32 @@ def test_zca_flag_with_a_native_set_takes_the_dataset_from_meta(mnist, tmp_path)
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["dataset"] == "MNIST" and rep["space"] == "zca"
+
+
+def test_interrupted_validation_resumes_with_the_next_run(mnist, tmp_path):
+    """Finished runs are CSV rows; after an interruption the same command retrains only the missing runs."""
+    tr, spec = load_split("MNIST", mnist, "train")
+    save_synset(pixel_set(to_pixels(tr.images[::4]), tr.labels[::4], spec, method="x"), tmp_path / "set")
+    args = ["--syn", str(tmp_path / "set"), "--data-path", str(mnist), "--model", "ConvNet-1", "--epochs", "3",
+            "--runs", "2", "--batch-size", "32", "--baseline", "random", "--results", str(tmp_path / "r.json")]
+    r = CliRunner().invoke(validate.app, args)
+    assert r.exit_code == 0, r.output
+    full = json.loads((tmp_path / "r.json").read_text())
+    csv_path = tmp_path / "r.csv"
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 5 and lines[0].endswith(",config")
+    csv_path.write_text("\n".join(lines[:3]) + "\n")  # as if killed during the random arm's first run
+    (tmp_path / "r.json").unlink()
+    r = CliRunner().invoke(validate.app, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("resumed from") == 2  # both syn runs read back, the two random runs retrained
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["syn"]["runs"] == full["syn"]["runs"] and again["random"]["runs"] == full["random"]["runs"]
+    assert len(csv_path.read_text().splitlines()) == 5
+    # another configuration with the same results path is refused, unless --overwrite
+    other = [a if a != "3" else "4" for a in args]
+    r = CliRunner().invoke(validate.app, other)
+    assert r.exit_code == 2 and "another configuration" in r.output
+    r = CliRunner().invoke(validate.app, other + ["--overwrite", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "resumed" not in r.output and len(csv_path.read_text().splitlines()) == 5

@@ -35,19 +35,30 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class RunLog:
-    """Console + CSV log of rows (dicts), and a JSON summary, all under one output folder."""
+    """Console messages and a CSV of rows (dicts). `constant` columns go into every row (e.g. a fingerprint of
+    the configuration), and `resume=True` reads back the rows of an existing CSV, so a re-run can skip the work
+    they record (`find`)."""
 
-    def __init__(self, csv_path: str | Path | None, quiet: bool = False):
+    def __init__(self, csv_path: str | Path | None, quiet: bool = False, constant: dict | None = None,
+                 resume: bool = False):
         self.csv_path = Path(csv_path) if csv_path else None
         self.quiet = quiet
+        self.constant = dict(constant or {})
         self.rows: list[dict] = []
+        if resume and self.csv_path is not None and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def find(self, **match: Any) -> dict | None:
+        """The first row whose columns equal `match` (compared as text, since rows read back are text)."""
+        return next((r for r in self.rows if all(str(r.get(k)) == str(v) for k, v in match.items())), None)
 
     def info(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
     def row(self, **values: Any) -> None:
-        self.rows.append(values)
+        self.rows.append({**values, **self.constant})
         if self.csv_path is None:
             return
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
