@@ -248,3 +248,170 @@ def test_interrupted_validation_resumes_with_the_next_run(mnist, tmp_path):
     r = CliRunner().invoke(validate.app, other + ["--overwrite", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "resumed" not in r.output and len(csv_path.read_text().splitlines()) == 5
+
+
+# ------------------------------------------------------------------- IDC/DREAM protocol (idc_dream.md §5)
+
+def _spec(name):
+    from utils.datasets import get_dataset_spec
+    return get_dataset_spec(name)
+
+
+@pytest.mark.parametrize("name,factor,ipc,epochs", [
+    ("ImageNet10", 1, 10, 2000), ("ImageNet10", 1, 20, 1500), ("ImageNet10", 3, 10, 1000), ("ImageNet10", 3, 20, 1000),
+    ("ImageNet10", 2, 10, 1500), ("ImageNet10", 2, 20, 1000), ("ImageNet100", 1, 10, 1300),
+    ("ImageNet100", 1, 20, 1000), ("ImageNet100", 3, 10, 600), ("ImageNet100", 3, 20, 600),
+    ("ImageNet100", 2, 10, 1000), ("ImageNet100", 2, 20, 600), ("ImageNet10", 1, 1, 3000),
+    ("imagenette", 1, 50, 1500), ("ImageNet10", 1, 51, 1000), ("ImageNet10", 1, 200, 1000),
+    ("ImageNet10", 1, 201, 500), ("ImageNet10", 1, 500, 500), ("ImageNet10", 1, 501, 300), ("ImageNet", 1, 1, 2000),
+    ("CIFAR10", 2, 10, 1000), ("CIFAR100", 1, 50, 1000), ("MNIST", 2, 1, 1000),
+])
+def test_idc_protocol_epochs(name, factor, ipc, epochs):
+    assert validate.idc_protocol(_spec(name), ipc, factor)["epochs"] == epochs
+
+
+def test_idc_protocol_optimiser_augmentation_and_cutmix():
+    p = validate.idc_protocol(_spec("CIFAR10"), 10, 2)
+    assert p == dict(epochs=1000, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
+                     dsa=True, dsa_strategy="color_crop_flip_scale_rotate", dsa_mode="idc", dsa_align_corners=False,
+                     mix_p=0.5, beta=1.0)
+    assert set(p) == set(validate.RECIPE_DEFAULTS) | {"lr"}  # the same fields the CLI resolves
+    big = validate.idc_protocol(_spec("ImageNet100"), 10, 3)
+    assert (big["lr"], big["weight_decay"], big["batch_size"], big["mix_p"]) == (0.1, 1e-4, 128, 1.0)
+    small_in = validate.idc_protocol(_spec("ImageNet10"), 10, 3)
+    assert (small_in["lr"], small_in["weight_decay"], small_in["batch_size"]) == (0.01, 5e-4, 64)
+    assert small_in["mix_p"] == 1.0
+    c100 = validate.idc_protocol(_spec("CIFAR100"), 10, 2)  # 100 classes but not ImageNet: the small recipe
+    assert (c100["lr"], c100["batch_size"], c100["mix_p"]) == (0.01, 64, 0.5)
+    fm = validate.idc_protocol(_spec("FashionMNIST"), 1, 2)
+    assert fm["dsa_strategy"] == "color_crop_flip_scale_rotate" and fm["mix_p"] == 0.5  # keeps flip and CutMix
+    for name in ("SVHN", "MNIST"):  # no flip for digits
+        assert validate.idc_protocol(_spec(name), 10, 1)["dsa_strategy"] == "color_crop_scale_rotate"
+        assert validate.idc_protocol(_spec(name), 10, 1)["mix_p"] == 0.5
+    svhn = validate.idc_protocol(_spec("SVHN"), 1, 1)  # SVHN IDC-I ipc 1: cutout back, no CutMix
+    assert (svhn["dsa_strategy"], svhn["mix_p"]) == ("color_crop_cutout_scale_rotate", 0.0)
+    assert validate.idc_protocol(_spec("SVHN"), 1, 2)["mix_p"] == 0.5
+    mn = validate.idc_protocol(_spec("MNIST"), 10, 2)  # MNIST multi-formation: no CutMix
+    assert (mn["dsa_strategy"], mn["mix_p"]) == ("color_crop_scale_rotate", 0.0)
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="needs the IPC"):
+        validate.idc_protocol(_spec("ImageNet10"), None, 3)
+
+
+def test_explicit_flags_beat_the_preset_which_beats_the_defaults():
+    defaults = dict(validate.RECIPE_DEFAULTS, lr=0.02)
+    assert validate.resolve_options({}, None, defaults) == defaults
+    assert validate.resolve_options({"epochs": None, "lr": None}, None, defaults) == defaults
+    preset = validate.idc_protocol(_spec("CIFAR10"), 10, 1)
+    assert validate.resolve_options({"epochs": None}, preset, defaults) == preset
+    got = validate.resolve_options({"epochs": 7, "mix_p": 0.0, "dsa": False, "dsa_mode": None}, preset, defaults)
+    assert got == {**preset, "epochs": 7, "mix_p": 0.0, "dsa": False}
+
+
+def _cli_config(mnist, tmp_path, extra, name="r.json", syn=None):
+    args = (["--syn", str(syn)] if syn else ["--dataset", "MNIST", "--baseline", "random", "--ipc", "1"])
+    r = CliRunner().invoke(validate.app, [*args, "--data-path", str(mnist), "--runs", "1", "--model", "ConvNet-1",
+                                          "--test-per-class", "2", "--quiet", "--results", str(tmp_path / name),
+                                          *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / name).read_text())["config"]
+
+
+def test_cli_preset_fills_the_recipe_and_explicit_flags_override_it(mnist, tmp_path):
+    tr, spec = load_split("MNIST", mnist, "train")
+    syn = pixel_set(to_pixels(tr.images[::10]), tr.labels[::10], spec, method="x")  # 2 per class, f = 1
+    syn.lr = torch.tensor(0.0042)
+    save_synset(syn, tmp_path / "s")
+    c = _cli_config(mnist, tmp_path, ["--preset", "idc", "--epochs", "1"], syn=tmp_path / "s")
+    assert (c["epochs"], c["lr"], c["batch_size"], c["weight_decay"], c["schedule"]) == (1, 0.01, 64, 5e-4,
+                                                                                         "multistep")
+    assert (c["dsa_mode"], c["dsa_strategy"], c["dsa_align_corners"]) == ("idc", "color_crop_scale_rotate", False)
+    assert (c["mix_p"], c["beta"], c["preset"]) == (0.5, 1.0, "idc")
+    c = _cli_config(mnist, tmp_path, ["--preset", "DREAM", "--epochs", "1", "--lr", "0.003", "--batch-size", "16",
+                                      "--mix_p", "0.25", "--beta", "2", "--no-dsa"], "d.json", syn=tmp_path / "s")
+    assert (c["lr"], c["batch_size"], c["mix_p"], c["beta"], c["dsa"], c["preset"]) == (0.003, 16, 0.25, 2.0, False,
+                                                                                       "dream")
+    assert c["schedule"] == "multistep"  # not given: still the preset's
+    # no preset: today's defaults, the learned lr, no CutMix
+    c = _cli_config(mnist, tmp_path, ["--epochs", "1"], "n.json", syn=tmp_path / "s")
+    assert (c["batch_size"], c["schedule"], c["dsa"], c["dsa_mode"], c["mix_p"], c["dsa_align_corners"]) == (
+        256, "step", True, "single", 0.0, True)
+    assert c["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate" and c["lr"] == pytest.approx(0.0042)
+    r = CliRunner().invoke(validate.app, ["--syn", str(tmp_path / "s"), "--data-path", str(mnist), "--preset", "x"])
+    assert r.exit_code == 2 and "unknown --preset 'x'" in r.output
+
+
+def test_new_options_at_their_neutral_values_keep_old_fingerprints():
+    """CSVs written before preset/CutMix/herding existed must still resume: neutral values do not change the key."""
+    import hashlib
+    old = dict(dataset="MNIST", epochs=3, lr=0.01, baseline=["random"], dsa=True)
+    old_key = hashlib.sha1(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    new = dict(old, preset=None, mix_p=0.0, beta=1.0, dsa_align_corners=True, herding_model=None, herding_epochs=None)
+    assert validate.config_key(new) == old_key
+    for change in (dict(mix_p=0.5), dict(preset="idc"), dict(herding_epochs=5), dict(dsa_align_corners=False)):
+        assert validate.config_key({**new, **change}) != old_key
+
+
+def test_multiformation_set_trains_on_decoded_images(mnist, tmp_path):
+    """A set with decoder multiformation, factor 2, 1 stored image per class trains on 4 images per class."""
+    import csv
+    from utils.synset import SyntheticSet, make_meta
+    tr, spec = load_split("MNIST", mnist, "train")
+    idx = validate._random_subset(tr.labels, 10, 1, 0)
+    meta = make_meta(spec, space="pixel", ipc=1, method="idc", decoder="multiformation",
+                     decoder_args={"factor": 2})
+    save_synset(SyntheticSet({"images": to_pixels(tr.images[idx])}, tr.labels[idx], meta), tmp_path / "mf")
+    c = _cli_config(mnist, tmp_path, ["--epochs", "1", "--preset", "idc"], syn=tmp_path / "mf")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [r["arm"] for r in rows] == ["syn"] and int(rows[0]["n_train"]) == 4 * 10
+    assert c["mix_p"] == 0.0  # the preset read factor 2 from the set: MNIST multi-formation has no CutMix
+
+
+# ------------------------------------------------------------------------------ herding baseline (§5 item 10)
+
+def test_herding_arm_trains_on_the_herding_subset_selected_once(mnist, monkeypatch):
+    from utils.coreset import herding_indices
+    tr, spec = load_split("MNIST", mnist, "train")
+    te, _ = load_split("MNIST", mnist, "test")
+    seed, ipc = 5, 2
+    real_prep, _ = validate.input_space(spec, "pixel", None)
+    idx = herding_indices(tr.images, tr.labels, spec, ipc, model="ConvNet-1", epochs=1, seed=seed, prepare=real_prep)
+    syn = pixel_set(to_pixels(tr.images[idx]), tr.labels[idx], spec, method="herding-copy")
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(k["model"])
+        return herding_indices(*a, **k)
+    monkeypatch.setattr(validate, "herding_indices", counted)
+    out = validate.validate(syn, spec, (tr.images, tr.labels), (te.images, te.labels),
+                            models=["ConvNet-1", "MLP"], recipe=small_recipe(2), baselines=["herding"], runs=2,
+                            seed=seed, ipc=ipc, full_recipe=None, device=torch.device("cpu"),
+                            log=RunLog(None, quiet=True), space="pixel", herding_epochs=1)
+    assert calls == ["ConvNet-1"]  # one selection for both models and both runs, from the first model by default
+    for m in ("ConvNet-1", "MLP"):
+        assert out[m]["herding"]["runs"] == out[m]["syn"]["runs"]  # the same images, seeds and recipe
+        assert out[m]["herding"]["ipc"] == ipc and out[m]["herding"]["herding_model"] == "ConvNet-1"
+
+
+def test_cli_herding_baseline_records_its_options_and_resumes(mnist, tmp_path, monkeypatch):
+    import csv
+    args = ["--dataset", "MNIST", "--data-path", str(mnist), "--baseline", "herding", "--ipc", "1", "--epochs", "1",
+            "--runs", "2", "--model", "ConvNet-1", "--herding-epochs", "1", "--herding-model", "MLP",
+            "--test-per-class", "2", "--quiet", "--results", str(tmp_path / "h.json")]
+    r = CliRunner().invoke(validate.app, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "h.json").read_text())
+    assert rep["config"]["herding_model"] == "MLP" and rep["config"]["herding_epochs"] == 1
+    assert rep["herding"]["seeds"] == [0, 1] and rep["herding"]["herding_model"] == "MLP"
+    rows = list(csv.DictReader(open(tmp_path / "h.csv")))
+    assert [r["arm"] for r in rows] == ["herding", "herding"] and {r["n_train"] for r in rows} == {"10"}
+    # everything recorded: the same command neither retrains nor re-selects
+    monkeypatch.setattr(validate, "herding_indices", lambda *a, **k: pytest.fail("selected again"))
+    r = CliRunner().invoke(validate.app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "h.json").read_text())["herding"]["runs"] == rep["herding"]["runs"]
+    # a different feature-network setting is another configuration
+    r = CliRunner().invoke(validate.app, [a if a != "MLP" else "ConvNet-1" for a in args])
+    assert r.exit_code == 2 and "another configuration" in r.output
+    r = CliRunner().invoke(validate.app, ["--dataset", "MNIST", "--data-path", str(mnist), "--baseline", "herding"])
+    assert r.exit_code == 2 and "needs --ipc" in r.output

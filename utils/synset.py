@@ -131,9 +131,25 @@ def git_commit() -> str | None:
 
 # ------------------------------------------------------------------------------------------- writing
 
-def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overwrite: bool = True) -> Path:
-    """Write the set directory atomically (temp dir + rename); returns its path."""
+def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overwrite: bool = True,
+                in_place: bool = False) -> Path:
+    """Write the set directory atomically (temp dir + rename); returns its path.
+
+    `in_place=True` writes the set's files into an existing run directory instead (a stage's output folder that
+    also holds its checkpoint and logs): each file is replaced atomically, synset.pt last.
+    """
     out = Path(out_dir)
+    if in_place:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".synset.", dir=out))
+        try:
+            save_synset(syn, tmp / "set", grid=grid)
+            for name in ("meta.json", "zca.pt", "grid.png", "synset.pt"):
+                if (tmp / "set" / name).exists():
+                    os.replace(tmp / "set" / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -377,3 +393,8 @@ def pixel_set(images_pixels: torch.Tensor, labels: torch.Tensor, spec: DatasetSp
     ipc = int(torch.bincount(labels, minlength=spec.num_classes).max())
     meta = make_meta(spec, space="pixel", ipc=ipc, method=method, **meta_kw)
     return SyntheticSet({"images": images_pixels.float()}, labels.long(), meta)
+
+
+# Decoders defined in their own modules register themselves on import; import them here so that loading any set
+# finds them (utils.formation imports register_decoder from this module, which is already defined above).
+import utils.formation  # noqa: E402,F401  (registers "multiformation")

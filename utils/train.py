@@ -3,7 +3,8 @@ stage and `validate.py` share.
 
 The recipe is plain data (`TrainRecipe`). Defaults are the DC/DSA/MTT evaluation protocol (speed.md §5.2):
 SGD momentum 0.9, weight decay 5e-4, batch 256, lr × 0.1 after half the epochs, DSA per batch. Test accuracy is
-measured once, after the last epoch: there is no model selection on the test set.
+measured once, after the last epoch: there is no model selection on the test set. IDC/DREAM's protocol adds CutMix
+(`mix_p`, `beta`; idc_dream.md §2.5 and §5 item 5), applied to the batch after normalisation and DSA.
 
 Inputs may be stored compactly (e.g. uint8 real images) and mapped to the network's input space batch by batch
 with `prepare`, so a full training set never needs a float copy in memory.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+import math
 
 import torch
 import torch.nn as nn
@@ -39,6 +42,10 @@ class TrainRecipe:
     schedule: str = "step"
     dsa: Callable | None = None          # utils.dsa.DSA instance, applied per batch (not Siamese)
     batch_standardize: bool = False      # SPEED's per-batch scalar standardisation (speed.md §1.3)
+    # CutMix (idc_dream.md §2.5, §5 item 5): with probability mix_p per batch, after DSA; λ ~ Beta(beta, beta).
+    # mix_p 0 draws nothing from the generator, so runs without CutMix are unchanged.
+    mix_p: float = 0.0
+    beta: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
@@ -50,7 +57,6 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "multistep":
         return 0.2 ** ((epoch >= (2 * epochs) // 3) + (epoch >= (5 * epochs) // 6))
     if schedule == "cosine":
-        import math
         return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
     raise UserError(f"unknown lr schedule '{schedule}' (step, multistep, cosine, none)")
 
@@ -59,12 +65,103 @@ def standardize_batch(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std()
 
 
+# ------------------------------------------------------------------------------------------------ CutMix
+# Every draw goes through the caller's torch.Generator (never numpy or the global RNG), so a run is repeated
+# exactly from its seed, like DSA. torch.distributions.Beta cannot take a generator, hence the Gamma sampler.
+
+def _draw(generator: torch.Generator | None, kind: str = "rand") -> float:
+    device = generator.device if generator is not None else "cpu"
+    fn = torch.rand if kind == "rand" else torch.randn
+    return float(fn(1, generator=generator, device=device, dtype=torch.float64))
+
+
+def _sample_gamma(shape: float, generator: torch.Generator | None) -> float:
+    """One Gamma(shape, 1) draw by Marsaglia and Tsang's squeeze-free rejection method (shape >= 1); a shape
+    below 1 is boosted to shape + 1 and scaled by U^(1/shape)."""
+    if shape < 1:
+        return _sample_gamma(shape + 1, generator) * _draw(generator) ** (1 / shape)
+    d = shape - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    while True:
+        z = _draw(generator, "randn")
+        v = (1 + c * z) ** 3
+        if v <= 0:
+            continue
+        u = _draw(generator)
+        if u > 0 and math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+            return d * v
+
+
+def sample_beta(beta: float, generator: torch.Generator | None) -> float:
+    """λ ~ Beta(beta, beta). Beta(1, 1) is U(0, 1), drawn directly (the IDC default, idc_dream.md §2.5); other
+    values as G1 / (G1 + G2) with G1, G2 ~ Gamma(beta)."""
+    if beta <= 0 or not math.isfinite(beta):
+        raise UserError(f"CutMix beta must be a positive number, got {beta}")
+    if beta == 1:
+        return _draw(generator)
+    g1, g2 = _sample_gamma(beta, generator), _sample_gamma(beta, generator)
+    return g1 / (g1 + g2) if g1 + g2 > 0 else 0.5
+
+
+def cutmix_box(height: int, width: int, lam: float, generator: torch.Generator | None
+               ) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the CutMix box (idc_dream.md §2.5): sides int(side * sqrt(1 - λ)), a centre
+    uniform over the pixels, half a side (rounded down) on each side of it, clipped to the image."""
+    ratio = math.sqrt(max(0.0, 1.0 - lam))
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    device = generator.device if generator is not None else "cpu"
+    cy = int(torch.randint(0, height, (1,), generator=generator, device=device))
+    cx = int(torch.randint(0, width, (1,), generator=generator, device=device))
+    top, bottom = min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height)
+    left, right = min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width)
+    return top, bottom, left, right
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, beta: float, generator: torch.Generator | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CutMix one batch (idc_dream.md §2.5): λ ~ Beta(beta, beta), a partner permutation of the whole batch (not
+    per class), one box for the batch; the box is filled with the partners' pixels.
+
+    Returns (x_mixed, y, y_partner, ratio) with ratio = 1 - box area / image area of the clipped box, the weight
+    of `y` in `mixed_cross_entropy`. `x` is not modified; the result is differentiable with respect to it.
+    """
+    lam = sample_beta(beta, generator)
+    device = generator.device if generator is not None else "cpu"
+    perm = torch.randperm(len(x), generator=generator, device=device).to(x.device)
+    h, w = x.shape[-2:]
+    top, bottom, left, right = cutmix_box(h, w, lam, generator)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    ratio = 1.0 - (bottom - top) * (right - left) / (h * w)
+    return mixed, y, y[perm.to(y.device)], ratio
+
+
+def maybe_cutmix(x: torch.Tensor, y: torch.Tensor, mix_p: float, beta: float, generator: torch.Generator | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CutMix with probability `mix_p` per batch (one U(0, 1) draw, then the `cutmix` draws); otherwise the batch
+    unchanged with ratio 1. mix_p <= 0 draws nothing."""
+    if mix_p <= 0 or _draw(generator) >= mix_p:
+        return x, y, y, 1.0
+    return cutmix(x, y, beta, generator)
+
+
+def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, r: float) -> torch.Tensor:
+    """r * CE(logits, y) + (1 - r) * CE(logits, y2), each a batch mean (idc_dream.md §2.5); r = 1 is plain CE."""
+    if r >= 1:
+        return F.cross_entropy(logits, y)
+    return r * F.cross_entropy(logits, y) + (1 - r) * F.cross_entropy(logits, y2)
+
+
 def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe,
                   generator: torch.Generator, device: torch.device, prepare: Prepare = identity,
                   desc: str = "train") -> list[float]:
     """Train `net` in place; returns the per-epoch mean training loss (for logs, never for selection)."""
     if not torch.isfinite(torch.tensor(recipe.lr)) or recipe.lr <= 0:
         raise UserError(f"training lr must be a positive finite number, got {recipe.lr}")
+    if not 0 <= recipe.mix_p <= 1:
+        raise UserError(f"CutMix probability must be in [0, 1], got {recipe.mix_p}")
+    if recipe.mix_p > 0 and not (recipe.beta > 0 and math.isfinite(recipe.beta)):
+        raise UserError(f"CutMix beta must be a positive number, got {recipe.beta}")
     net.to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
@@ -84,7 +181,11 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
                 x = standardize_batch(x)
             if recipe.dsa is not None:
                 x = recipe.dsa(x, generator=generator)
-            loss = F.cross_entropy(net(x), y)
+            if recipe.mix_p > 0:  # on the augmented batch: IDC normalises and augments first (idc_dream.md §2.5)
+                x, y, y2, r = maybe_cutmix(x, y, recipe.mix_p, recipe.beta, generator)
+                loss = mixed_cross_entropy(net(x), y, y2, r)
+            else:
+                loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
