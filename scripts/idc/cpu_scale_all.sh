@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# CPU-scale IDC vs DREAM vs random vs herding on Fashion-MNIST and the CIFAR-10 JPEG copy, IPC 1 and 10
+# (the docs/RESULTS.md table and the DREAM-vs-IDC curve). Two single-thread jobs at a time; ~1 h on 2 cores.
+#   bash scripts/idc/cpu_scale_all.sh [OUT_DIR]
+# Scale (documented in docs/RESULTS.md): 100 training images per class, ConvNet-3, paper hyperparameters
+# (--reproduce) except: outer iterations 25 (IPC 1) / 15 (IPC 10) of 5 inner iterations, 16 real images per class
+# per step (DREAM: 16 k-means centres), 64 samples per network update, base lr_img x10 (Fashion-MNIST) / x2 (CIFAR).
+# validate.py --preset idc with 200 (IPC 1) / 50 (IPC 10) epochs, 3 seeds, 200 (100) test images per class.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-runs/idc_cpu}"
+PY="${PYTHON:-python}"
+CIFAR="${CIFAR_PATH:-../shared/data/cifar10}"
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+
+data_args() { if [ "$1" = FashionMNIST ]; then echo "--data-path data"; else echo "--data-path $CIFAR"; fi; }
+lr_args() { if [ "$1" = FashionMNIST ]; then echo "--lr-img 1e-3"; else echo "--lr-img 1e-2"; fi; }
+
+condense_cmd() {  # dataset ipc method
+  local ds="$1" ipc="$2" m="$3" outer=25 snaps="0,10,25" extra=""
+  [ "$ipc" = 10 ] && outer=15 && snaps="0,15"
+  [ "$m" = dream ] && extra="--dream --batch-real 16"
+  echo "$PY condense.py -d $ds $(data_args "$ds") --ipc $ipc -f 2 --reproduce --train-subset 100 \
+--outer-iterations $outer --inner-loop 5 --batch-real 16 --n-data 64 $(lr_args "$ds") $extra --seed 0 \
+--snapshots $snaps --out '$OUT/${m}_${ds}_ipc${ipc}' --quiet > '$OUT/${m}_${ds}_ipc${ipc}.log' 2>&1"
+}
+
+validate_cmd() {  # dataset syn-dir results-name ipc extra-args
+  local ds="$1" syn="$2" res="$3" ipc="$4"; shift 4
+  local ep=200 tpc=200
+  [ "$ipc" = 10 ] && ep=50 && tpc=100
+  echo "$PY validate.py --syn '$syn' --preset idc --epochs $ep --runs 3 --seed 0 --train-subset 100 \
+--test-per-class $tpc $(data_args "$ds") $* --results '$OUT/$res.json' --quiet \
+> '$OUT/$res.log' 2>&1"
+}
+
+# phase 1: condensation (longest first)
+{
+  for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense_cmd $ds 10 $m; done; done
+  for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense_cmd $ds 1 $m; done; done
+} > "$OUT/phase1.txt"
+xargs -P 2 -I{} bash -c {} < "$OUT/phase1.txt"
+
+# phase 2: validation of the final sets (+ random and herding with the IDC call) and of the curve snapshots
+{
+  for ipc in 10 1; do for ds in FashionMNIST CIFAR10; do
+    validate_cmd $ds "$OUT/idc_${ds}_ipc${ipc}" "val_idc_${ds}_ipc${ipc}" $ipc --baseline random --baseline herding
+    validate_cmd $ds "$OUT/dream_${ds}_ipc${ipc}" "val_dream_${ds}_ipc${ipc}" $ipc
+  done; done
+  for m in idc dream; do for it in 0 10; do
+    validate_cmd FashionMNIST "$OUT/${m}_FashionMNIST_ipc1/snapshots/it$it" "curve_${m}_FashionMNIST_ipc1_it$it" 1
+  done; done
+} > "$OUT/phase2.txt"
+xargs -P 2 -I{} bash -c {} < "$OUT/phase2.txt"
+echo "done: $OUT"
