@@ -112,6 +112,7 @@ REPRODUCE: dict[str, dict] = {
 # Dataset-level flags argument.py applies with or without --reproduce (§3 notes).
 DATASET_FLAGS: dict[str, dict] = {k: dict(mix_p=0.5) for k in ("CIFAR10", "CIFAR100", "SVHN", "MNIST",
                                                                 "FashionMNIST")}
+DATASET_FLAGS["ImageNet100"] = dict(lr=0.1, weight_decay=1e-4, batch_real=128)   # forced for nclass >= 100
 DREAM_DEFAULTS = dict(batch_real=128, interval=10, f2_init="kmean")   # §7.4 argparse differences
 IMAGENET_FAMILY = ("ImageNet", "ImageNet10", "ImageNet100")
 METRICS = ("mse", "l1", "l1_mean", "cos")
@@ -528,9 +529,9 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
     net_strategy = "_".join(a for a in cfg.aug_type.split("_") if not (cfg.mixup_net == "cut" and a == "cutout"))
     net_dsa = DSA(net_strategy, mode="idc", params=DSAParams(align_corners=False)) if net_strategy not in ("", "none") \
         else None
-    ckpts = pretrained_checkpoints(cfg.pretrained) if cfg.pt_from >= 0 else None
     if cfg.pt_from >= 0 and cfg.pretrained is None:
         raise UserError("--pt-from needs --pretrained DIR (networks made with condense.py --pretrain)")
+    ckpts = pretrained_checkpoints(cfg.pretrained) if cfg.pt_from >= 0 else None
 
     net = opt = None
     if state is None:
@@ -817,6 +818,8 @@ def main(
         print(f"pretrained {len(seeds)} network(s) into {out}")
         return
 
+    if ckpt_every < 1:
+        raise UserError("--ckpt-every must be at least 1")
     fingerprint = config_fingerprint(cfg)
     ckpt_path = out / "ckpt.pt"
     state = None
@@ -850,6 +853,8 @@ def main(
         if 0 in snaps:
             save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / "it0")
 
+    if state is not None:   # rows logged after the checkpoint belong to iterations that will run again
+        log.rows = [r for r in log.rows if int(r.get("it", 0)) <= state.it]
     if state is None or state.it < cfg.outer_iterations:
         state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
     syn = build_synset(cfg, spec, state.S, clamp_save)
