@@ -308,3 +308,24 @@ def test_pretrain_then_condense_from_pretrained_networks(mnist, tmp_path):
                                      "--inner-loop", "1", "--n-data", "4", "--ipc", "1", "-f", "1",
                                      "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
+
+
+def test_row_scripts_are_current_and_resolve_to_presets():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(C.__file__).resolve().parent
+    for method in ("idc", "dream"):
+        r = subprocess.run([sys.executable, str(root / "scripts" / method / "make_scripts.py"), "--check"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = [p for p in (root / "scripts" / method).glob("*.sh") if re.fullmatch(r"[a-z0-9]+_f\d_ipc\d+\.sh", p.name)]
+        assert len(rows) == (36 if method == "idc" else 15)
+        for p in rows:
+            text = p.read_text()
+            m = re.search(r"condense\.py --reproduce (--dream )?-d (\w+) (?:--nclass (\d+) )?-f (\d) --ipc (\d+)", text)
+            assert m, p
+            name = C.dataset_name(m[2], int(m[3]) if m[3] else None)
+            cfg = C.resolve_config(name, int(m[5]), int(m[4]), bool(m[1]), True, {})
+            assert cfg.dream == (method == "dream")
