@@ -114,6 +114,40 @@ def ours_inner_iterations(cfg, spec, images, labels, device, iterations: int) ->
     return [h["seconds"] for h in st.history]
 
 
+def breakdown(cfg, spec, images, labels, device, repeats: int = 2) -> dict:
+    """Seconds per inner iteration spent in each part of ours: the real gradients alone, the whole matching step
+    (real + synthetic double backward), and the network update: where the time goes."""
+    net = get_network(cfg.net, spec.channels, spec.num_classes, spec.resolution).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    params = C.matched_params(net)
+    gen = torch.Generator().manual_seed(0)
+    S = torch.rand(spec.num_classes * cfg.ipc, spec.channels, spec.resolution, spec.resolution, device=device)
+    dsa = DSA(cfg.aug_type, mode="idc", params=DSAParams(align_corners=False))
+    stream = C.SetStream(len(labels), cfg.batch_real)
+    images, labels = images.to(device), labels.to(device)
+    real = [images[labels == c][:cfg.batch_real].float() / 255 for c in range(spec.num_classes)]
+
+    def real_only():
+        for c in range(spec.num_classes):
+            C.class_gradient(net, params, normalize(real[c], spec.mean, spec.std), c)
+
+    def matching():
+        for c in range(spec.num_classes):
+            C.class_match_grad(net, params, real[c], S[c * cfg.ipc:(c + 1) * cfg.ipc], c, cfg, spec, dsa, gen)
+
+    def update():
+        C.network_update(net, opt, images, labels, stream, cfg.n_data, spec, dsa, cfg, gen)
+
+    out = {}
+    for name, fn in (("real_gradients", real_only), ("matching_step", matching), ("network_update", update)):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out[name] = (time.perf_counter() - t0) / repeats
+    return out
+
+
 def worker(name, args, queue):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -122,6 +156,9 @@ def worker(name, args, queue):
     cfg = replace(C.resolve_config(spec.name, args.ipc, args.factor, False, True, {}), net=args.net,
                   batch_real=args.batch_real, n_data=args.n_data, seed=0)
     images, labels = fake_data(spec, args.per_class)
+    if name == "breakdown":
+        queue.put(breakdown(cfg, spec, images, labels, device))
+        return
     fn = naive_inner_iterations if name == "naive" else ours_inner_iterations
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -145,6 +182,7 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of one inner iteration of ours")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     results = {"naive": [], "ours": []}
@@ -163,9 +201,21 @@ def main():
     print(f"naive per-class loop : {naive:8.3f} s / inner iteration, peak {mem_n:8.1f} MiB")
     print(f"condense.py          : {ours:8.3f} s / inner iteration, peak {mem_o:8.1f} MiB")
     print(f"speed-up (naive/ours): {naive / ours:.2f}x   memory ratio (naive/ours): {mem_n / mem_o:.2f}x")
+    parts = None
+    if args.breakdown:
+        q = ctx.Queue()
+        proc = ctx.Process(target=worker, args=("breakdown", args, q))
+        proc.start()
+        parts = q.get()
+        proc.join()
+        print("breakdown of ours (s / inner iteration): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) +
+              f"  (synthetic double backward ~ matching_step - real_gradients = "
+              f"{parts['matching_step'] - parts['real_gradients']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "naive": results["naive"], "ours": results["ours"],
-                                               "speedup": naive / ours, "memory_ratio": mem_n / mem_o}, indent=2))
+                                               "speedup": naive / ours, "memory_ratio": mem_n / mem_o,
+                                               "breakdown": parts}, indent=2))
 
 
 if __name__ == "__main__":
