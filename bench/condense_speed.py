@@ -162,7 +162,14 @@ def worker(name, args, queue):
     fn = naive_inner_iterations if name == "naive" else ours_inner_iterations
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = fn(cfg, spec, images, labels, device, args.inner + 1)[1:]   # drop the warm-up iteration
+    if args.profile:   # operator table, to show both implementations run the same convolution work
+        from torch.profiler import profile
+        with profile() as prof:
+            times = fn(cfg, spec, images, labels, device, args.inner + 1)[1:]
+        print(f"--- {name}: top operators\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8),
+              flush=True)
+    else:
+        times = fn(cfg, spec, images, labels, device, args.inner + 1)[1:]   # drop the warm-up iteration
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     queue.put({"impl": name, "sec_per_inner": float(np.median(times)), "times": times, "peak_mib": peak})
@@ -183,6 +190,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--breakdown", action="store_true", help="also time the parts of one inner iteration of ours")
+    p.add_argument("--profile", action="store_true", help="print each implementation's top operators (slower)")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     results = {"naive": [], "ours": []}

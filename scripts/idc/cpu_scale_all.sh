@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU-scale IDC vs DREAM vs random vs herding on Fashion-MNIST and the CIFAR-10 JPEG copy, IPC 1 and 10
-# (the docs/RESULTS.md table and the DREAM-vs-IDC curve). Two single-thread jobs at a time; ~1 h on 2 cores.
+# (the docs/RESULTS.md table). Two single-thread jobs at a time; ~1 h on 2 cores.
 #   bash scripts/idc/cpu_scale_all.sh [OUT_DIR]
 # Scale (documented in docs/RESULTS.md): 100 training images per class, ConvNet-3, paper hyperparameters
 # (--reproduce) except: outer iterations 25 (IPC 1) / 15 (IPC 10) of 5 inner iterations, 16 real images per class
@@ -42,14 +42,12 @@ validate_cmd() {  # dataset syn-dir results-name ipc extra-args
 } > "$OUT/phase1.txt"
 xargs -P 2 -I{} bash -c {} < "$OUT/phase1.txt"
 
-# phase 2: validation of the final sets (+ random and herding with the IDC call) and of the curve snapshots
+# phase 2: validation of the final sets (+ random and herding with the IDC call); the accuracy-vs-iteration curve
+# is scripts/idc/cpu_curve.sh
 {
   for ipc in 10 1; do for ds in FashionMNIST CIFAR10; do
     validate_cmd $ds "$OUT/idc_${ds}_ipc${ipc}" "val_idc_${ds}_ipc${ipc}" $ipc --baseline random --baseline herding
     validate_cmd $ds "$OUT/dream_${ds}_ipc${ipc}" "val_dream_${ds}_ipc${ipc}" $ipc
-  done; done
-  for m in idc dream; do for it in 0 10; do
-    validate_cmd FashionMNIST "$OUT/${m}_FashionMNIST_ipc1/snapshots/it$it" "curve_${m}_FashionMNIST_ipc1_it$it" 1
   done; done
 } > "$OUT/phase2.txt"
 xargs -P 2 -I{} bash -c {} < "$OUT/phase2.txt"

@@ -11,6 +11,26 @@ def cell(s):
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if s else "–"
 
 
+def per_run(s):
+    return ", ".join(f"{100 * a:.1f}" for a in s["runs"]) if s else "–"
+
+
+def runs_table(folder: Path) -> None:
+    print("| dataset | IPC | arm | per-run accuracy (seeds 0, 1, 2) |")
+    print("|---|---|---|---|")
+    for ds in ("FashionMNIST", "CIFAR10"):
+        for ipc in (1, 10):
+            for method in ("idc", "dream"):
+                p = folder / f"val_{method}_{ds}_ipc{ipc}.json"
+                if not p.exists():
+                    continue
+                r = json.loads(p.read_text())
+                for arm in ("syn", "random", "herding"):
+                    if arm in r:
+                        name = method.upper() if arm == "syn" else arm
+                        print(f"| {ds} | {ipc} | {name} | {per_run(r[arm])} |")
+
+
 def table(folder: Path) -> None:
     print("| dataset | IPC | IDC | DREAM | random | herding |")
     print("|---|---|---|---|---|---|")
@@ -46,5 +66,7 @@ if __name__ == "__main__":
         print(f"\n### {d}\n")
         if list(d.glob("val_*.json")):
             table(d)
+            print()
+            runs_table(d)
         if list(d.glob("curve_*.json")):
             curve(d)
