@@ -10,10 +10,11 @@ folder (cpu_*.sh, cpu_scale_all.sh) are not touched.
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
 
 # key: (condense.py dataset arguments, readable name, classes, resolution, default DATA, evaluation network)
 DATASETS = {
@@ -154,17 +155,6 @@ def header(key: str, f: int, ipc: int, row: str) -> list[str]:
     return lines
 
 
-def comment(lines: list[str], width: int = 116) -> list[str]:
-    """Header lines as bash comments, long ones wrapped with their indent plus two spaces."""
-    out = []
-    for line in lines:
-        indent = " " * (len(line) - len(line.lstrip()))
-        parts = textwrap.wrap(line, width - 2, subsequent_indent=indent + "  ", break_on_hyphens=False,
-                              break_long_words=False) or [""]
-        out += [f"# {p}".rstrip() for p in parts]
-    return out
-
-
 def script(key: str, f: int, ipc: int) -> tuple[str, str]:
     dargs, _, _, _, data, model = DATASETS[key]
     row = f"{key}_f{f}_ipc{ipc}"
@@ -226,25 +216,11 @@ def script(key: str, f: int, ipc: int) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
-    stale = []
+    scripts = {}
     for key, f, ipc in ROWS:
         row, text = script(key, f, ipc)
-        path = HERE / f"{row}.sh"
-        if check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(path.name)
-            continue
-        path.write_text(text)
-        path.chmod(0o755)
-    if check:
-        if stale:
-            print("out of date (run python scripts/idc/make_scripts.py): " + ", ".join(stale))
-            return 1
-        print(f"{len(ROWS)} scripts up to date")
-        return 0
-    print(f"wrote {len(ROWS)} scripts to {HERE}")
-    return 0
+        scripts[f"{row}.sh"] = text
+    return write_or_check(scripts, HERE, "--check" in argv, "scripts/idc/make_scripts.py")
 
 
 if __name__ == "__main__":
