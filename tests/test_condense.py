@@ -329,3 +329,36 @@ def test_row_scripts_are_current_and_resolve_to_presets():
             name = C.dataset_name(m[2], int(m[3]) if m[3] else None)
             cfg = C.resolve_config(name, int(m[5]), int(m[4]), bool(m[1]), True, {})
             assert cfg.dream == (method == "dream")
+
+
+@pytest.mark.parametrize("opts", [
+    dict(init_select="random"), dict(momentum_mode="joint"), dict(dream=True, dream_embed="raw", interval=1),
+    dict(decode_type="multi"), dict(decode_type="bound", ipc=1, factor=3, batch_syn_max=6),
+    dict(metric="cos", bias=True, fc=True), dict(metric="l1_mean", mixup_net="vanilla"), dict(early=1),
+    dict(factor=1, init="noise"), dict(fix_iter=2, outer=3),
+])
+def test_every_option_path_runs_and_moves_the_images(mnist, opts):
+    images, labels, spec = _data(mnist)
+    cfg = tiny_cfg(**{**dict(outer=1, inner_loop=1, lr_img=1.0), **opts})
+    log = RunLog(None, quiet=True)
+    start = C.condense(replace(cfg, outer=0), spec, images, labels, "cpu", log).S.clone()
+    end = C.condense(cfg, spec, images, labels, "cpu", log).S
+    assert end.shape == start.shape == (10 * cfg.ipc, 1, 28, 28)
+    assert torch.isfinite(end).all() and not torch.equal(start, end)
+
+
+def test_validate_reads_the_condense_output_folder(mnist, tmp_path):
+    import validate
+    out = tmp_path / "run"
+    r = runner.invoke(C.app, ["-d", "mnist", "--data-path", str(mnist), "--ipc", "1", "-f", "2", "--reproduce",
+                              "--net", "ConvNet-3-w4", "--outer-iterations", "1", "--inner-loop", "1",
+                              "--batch-real", "4", "--n-data", "4", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(validate.app, ["--syn", str(out), "--data-path", str(mnist), "--preset", "idc", "--epochs", "1",
+                                     "--runs", "1", "--model", "ConvNet-3-w4", "--baseline", "random", "--quiet"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["preset"] == "idc"
+    rows = (out / "results.csv").read_text().splitlines()
+    syn_row = next(line for line in rows if ",syn," in line)
+    assert ",40," in syn_row          # 1 stored image x 4 decoded x 10 classes trained on
