@@ -1,6 +1,7 @@
-"""Markdown tables for docs/RESULTS.md from the JSON reports of scripts/idc/cpu_scale_all.sh and cpu_curve.sh.
+"""Markdown tables for docs/RESULTS.md from the JSON reports of scripts/idc/cpu_scale_all.sh and cpu_curve.sh, and a
+PNG of the accuracy-vs-iteration curve (drawn with Pillow, no plotting library needed).
 
-    python scripts/idc/summarize.py runs/idc_cpu runs/idc_curve
+    python scripts/idc/summarize.py runs/idc_cpu runs/idc_curve [--plot docs/img/dream_vs_idc_fmnist_ipc1.png]
 """
 import json
 import sys
@@ -60,8 +61,58 @@ def curve(folder: Path) -> None:
         print(f"| {m.upper()} | " + " | ".join(row) + " |")
 
 
+def curve_points(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
+    out = {}
+    for m in ("idc", "dream"):
+        pts = []
+        for p in folder.glob(f"curve_{m}_it*.json"):
+            s = json.loads(p.read_text())["syn"]
+            pts.append((int(p.stem.split("_it")[1]), 100 * s["mean"], 100 * s["std"]))
+        out[m] = sorted(pts)
+    return out
+
+
+def plot(folder: Path, path: Path) -> None:
+    """Mean accuracy (± std bars) against outer iteration for IDC and DREAM."""
+    from PIL import Image, ImageDraw
+    pts = curve_points(folder)
+    w, h, left, right, top, bottom = 640, 400, 60, 20, 30, 50
+    xs = [p[0] for v in pts.values() for p in v]
+    ys = [p[1] + s * p[2] for v in pts.values() for p in v for s in (-1, 1)]
+    x0, x1, y0, y1 = min(xs), max(xs), int(min(ys)) - 1, int(max(ys)) + 2
+    fx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
+    fy = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for y in range(y0, y1 + 1):
+        d.line([left - 4, fy(y), left, fy(y)], fill="black")
+        d.text((left - 30, fy(y) - 6), f"{y}", fill="black")
+    for x in sorted(set(xs)):
+        d.line([fx(x), h - bottom, fx(x), h - bottom + 4], fill="black")
+        d.text((fx(x) - 6, h - bottom + 8), f"{x}", fill="black")
+    d.text((w // 2 - 120, h - 22), "outer iteration (x5 inner iterations)", fill="black")
+    d.text((left, 8), "Fashion-MNIST IPC 1 (f=2), CPU scale: test accuracy %, mean +- std over 3 seeds", fill="black")
+    for (m, colour), dy in zip((("idc", (200, 40, 40)), ("dream", (40, 80, 200))), (0, 14)):
+        line = [(fx(x), fy(y)) for x, y, _ in pts[m]]
+        d.line(line, fill=colour, width=2)
+        for x, y, s in pts[m]:
+            d.line([fx(x), fy(y - s), fx(x), fy(y + s)], fill=colour)
+            d.ellipse([fx(x) - 3, fy(y) - 3, fx(x) + 3, fy(y) + 3], fill=colour)
+        d.text((w - right - 70, h - bottom - 40 + dy), m.upper(), fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    print(f"\nplot: {path}")
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
+    args = sys.argv[1:]
+    plot_to = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        plot_to = Path(args[i + 1])
+        del args[i:i + 2]
+    for arg in args:
         d = Path(arg)
         print(f"\n### {d}\n")
         if list(d.glob("val_*.json")):
@@ -70,3 +121,5 @@ if __name__ == "__main__":
             runs_table(d)
         if list(d.glob("curve_*.json")):
             curve(d)
+        if plot_to is not None and list(d.glob("curve_*.json")):
+            plot(d, plot_to)
