@@ -35,7 +35,7 @@ from networks import get_network
 from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
-from utils.formation import decode_class, decode_set, tile_mix
+from utils.formation import decode_class, tile_mix
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device

@@ -215,7 +215,6 @@ def test_interrupted_run_resumes_to_the_same_result(mnist, tmp_path):
     for dream in (False, True):
         cfg = tiny_cfg(outer=3, dream=dream, interval=1, init="auto", f2_init="kmean")
         full = C.condense(cfg, spec, images, labels, torch.device("cpu"), log)
-        saved = {}
 
         class Kill(Exception):
             pass

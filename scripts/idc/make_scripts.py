@@ -206,7 +206,7 @@ def script(key: str, f: int, ipc: int) -> tuple[str, str]:
         "",
         f"# {'3' if key == 'imagenet100' else '2'}. Evaluate with IDC's test.py protocol, beside random and "
         "herding real subsets.",
-        f'"$PYTHON" validate.py --syn "$OUT/set" --preset idc'
+        '"$PYTHON" validate.py --syn "$OUT/set" --preset idc'
         + (f" --model {model}" if model != "ConvNet-3" else "")
         + ' --runs "$RUNS" --seed "$SEED" \\',
         '  --data-path "$DATA" --baseline random --baseline herding --results "$OUT/results.json"',
