@@ -467,6 +467,18 @@ def dream_batch(net, class_images: torch.Tensor, k: int, spec: DatasetSpec, cfg:
 
 # --------------------------------------------------------------------------------------- init
 
+def check_enough_images(cfg: CondenseConfig, class_indices: list[torch.Tensor]) -> int:
+    """Real images one class needs for the initialisation (ipc, or ipc*f^2 for mix); a one-line error if a class
+    has fewer (checked before anything is written)."""
+    mode = init_mode(cfg)
+    need = 0 if mode == "noise" else cfg.ipc * cfg.factor ** 2 if mode == "mix" else cfg.ipc
+    for c, pool in enumerate(class_indices):
+        if len(pool) < need:
+            raise UserError(f"class {c} has {len(pool)} training images; initialising {cfg.ipc} stored images at "
+                            f"factor {cfg.factor} needs {need} (lower --ipc/--factor or raise --train-subset)")
+    return need
+
+
 def initial_images(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, class_indices: list[torch.Tensor],
                    net, gen: torch.Generator) -> torch.Tensor:
     """S at iteration 0 (§1.3, §7.2), pixel space [0, 1], class-major [N*ipc, C, R, R]."""
@@ -476,13 +488,10 @@ def initial_images(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor,
     S = noise.clamp(0, 1).to(images.device)
     if mode == "noise":
         return S
-    need = ipc * f * f if mode == "mix" else ipc
+    need = check_enough_images(cfg, class_indices)
     use_kmeans = mode == "kmean" or (mode == "mix" and cfg.dream and cfg.f2_init == "kmean")
     for c in range(n_cls):
         pool = class_indices[c]
-        if len(pool) < need:
-            raise UserError(f"class {c} has {len(pool)} training images; initialising {ipc} stored images at factor "
-                            f"{f} needs {need} (lower --ipc/--factor or raise --train-subset)")
         if use_kmeans:   # DREAM: nearest images to k-means centres of an untrained network's embeddings (§7.2)
             chosen = pool[dream_batch(net, images[pool], need, spec, cfg, gen).cpu()]
         elif cfg.init_select == "random":
@@ -809,6 +818,10 @@ def main(
     snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})
 
     split, spec = load_split(name, data_path, "train", per_class=cfg.train_subset, seed=cfg.seed)
+    # bad settings fail here, before anything is written
+    get_network(cfg.net, spec.channels, spec.num_classes, spec.resolution)
+    if not pretrain:
+        check_enough_images(cfg, [torch.nonzero(split.labels == c).flatten() for c in range(spec.num_classes)])
     images, labels = split.images.to(dev), split.labels.to(dev)
     log = RunLog(out / ("pretrain.csv" if pretrain else "log.csv"), quiet=quiet, resume=not overwrite)
 

@@ -281,12 +281,14 @@ def test_cli_writes_a_set_validate_reads_and_resumes(mnist, tmp_path):
     (["-d", "mnist", "--match", "bi_match"], "not implemented"),
     (["-d", "mnist", "--metric", "l2"], "l2"),
     (["-d", "mnist", "--ipc", "20"], "needs 80"),
+    (["-d", "mnist", "--net", "nosuchnet"], "unknown network"),
 ])
 def test_bad_input_is_a_one_line_error(mnist, tmp_path, extra, msg):
-    r = runner.invoke(C.app, extra + ["--data-path", str(mnist), "--out", str(tmp_path / "o"), "--net",
-                                      "ConvNet-3-w4", "--outer-iterations", "1", "--inner-loop", "1"])
+    r = runner.invoke(C.app, ["--data-path", str(mnist), "--out", str(tmp_path / "o"), "--net", "ConvNet-3-w4",
+                              "--outer-iterations", "1", "--inner-loop", "1"] + extra)
     assert r.exit_code == 2
     assert msg in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()            # nothing half-written
 
 
 def test_pretrain_then_condense_from_pretrained_networks(mnist, tmp_path):
