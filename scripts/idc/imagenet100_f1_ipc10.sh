@@ -36,20 +36,8 @@ RUNS="${RUNS:-3}"
 CKPT_EVERY="${CKPT_EVERY:-1}"
 PRETRAINED="${PRETRAINED:-$OUT/pretrained}"
 
-# 1. Pre-train the 10 matching networks (IDC's pretrain.py: ResNetAP-10, 5 epochs, lr 0.1, wd 1e-4, batch 128;
-#    --reproduce supplies these). Each lands in $PRETRAINED/ResNetAP-10_seed<s>/checkpoint5.pt; seeds that
-#    already have it are skipped, so an interrupted pre-training continues where it stopped.
-missing=()
-for s in 0 1 2 3 4 5 6 7 8 9; do
-  if [ ! -f "$PRETRAINED/ResNetAP-10_seed$s/checkpoint5.pt" ]; then missing+=("$s"); fi
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  seeds="$(IFS=,; echo "${missing[*]}")"
-  "$PYTHON" condense.py --pretrain --reproduce -d imagenet --nclass 100 --pt-from 5 --pretrain-seeds "$seeds" \
-    --data-path "$DATA" --out "$PRETRAINED"
-else
-  echo "pretrained networks found in $PRETRAINED; skipping pre-training"
-fi
+# 1. Pre-train the 10 matching networks once (skipped when $PRETRAINED already holds them).
+DATA="$DATA" PRETRAINED="$PRETRAINED" PYTHON="$PYTHON" bash scripts/idc/imagenet100_pretrain.sh
 
 # 2. Condense all 100 classes in one run, loading a random pretrained network (epoch 5) at every re-init.
 "$PYTHON" condense.py --reproduce -d imagenet --nclass 100 -f 1 --ipc 10 --data-path "$DATA" --seed "$SEED" \
