@@ -398,3 +398,4 @@ def pixel_set(images_pixels: torch.Tensor, labels: torch.Tensor, spec: DatasetSp
 # Decoders defined in their own modules register themselves on import; import them here so that loading any set
 # finds them (utils.formation imports register_decoder from this module, which is already defined above).
 import utils.formation  # noqa: E402,F401  (registers "multiformation")
+import utils.speed  # noqa: E402,F401  (registers the "speed" decoder)
