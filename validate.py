@@ -8,8 +8,9 @@ explicit seeds (run i uses seed + i), and is measured once on the real test set 
 checkpoint is ever chosen on the test set. Accuracies are fractions; std is the population std over runs.
 Finished runs are recorded one CSV row each, so the same command after an interruption resumes with the next run.
 
-`--preset idc` (or `dream`) sets the recipe of IDC/DREAM's test.py (idc_dream.md §5, `idc_protocol`); flags given
-explicitly on the command line still win over the preset's values.
+`--preset idc` (or `dream`) sets the recipe of IDC/DREAM's test.py (idc_dream.md §5, `idc_protocol`); `--preset speed`
+(or `mtt`) that of MTT/SPEED's evaluate_synset (speed.md §5.2, `trajectory_protocol`). Flags given explicitly on
+the command line still win over the preset's values.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def input_space(spec: DatasetSpec, space: str, zca_state: dict | None) -> tuple[
 RECIPE_DEFAULTS = dict(epochs=300, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step", dsa=True,
                        dsa_strategy="color_crop_cutout_flip_scale_rotate", dsa_mode="single", dsa_align_corners=True,
                        mix_p=0.0, beta=1.0)
-PRESETS = ("idc", "dream")  # DREAM evaluates with IDC's test.py unchanged (idc_dream.md §7)
+PRESETS = ("idc", "dream", "speed", "mtt")  # DREAM evaluates with IDC's test.py unchanged (idc_dream.md §7)
 # idc_dream.md §5 items 3 and 7: the datasets test.py treats as ImageNet (224-px IDC subsets, and MTT's 128-px
 # subsets, which IDC never used but which share ImageNet's statistics and augmentation needs).
 IMAGENET_FAMILY = frozenset({"ImageNet", "ImageNet10", "ImageNet100", *IMAGENET_SUBSETS})
@@ -123,6 +124,15 @@ def idc_protocol(spec: DatasetSpec, ipc: int | None, factor: int | None) -> dict
     return dict(epochs=epochs, lr=0.1 if big else 0.01, momentum=0.9, weight_decay=1e-4 if big else 5e-4,
                 batch_size=128 if big else 64, schedule="multistep", dsa=True, dsa_strategy=strategy,
                 dsa_mode="idc", dsa_align_corners=False, mix_p=mix_p, beta=1.0)
+
+
+def trajectory_protocol(preset: str) -> dict:
+    """MTT/SPEED evaluate_synset (speed.md §5.2): 1000 epochs (1001 run), x0.1 with a fresh optimiser after epoch
+    501, SGD momentum 0.9 wd 5e-4 batch 256, DSA mode single with every family; the lr is the set's learned lr
+    (added by the caller). SPEED also standardises every train and test batch (§1.3), and tests in batches of 128."""
+    return dict(epochs=1001, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="mtt", dsa=True,
+                dsa_strategy="color_crop_cutout_flip_scale_rotate", dsa_mode="single", dsa_align_corners=True,
+                mix_p=0.0, beta=1.0, batch_standardize=preset == "speed")
 
 
 def resolve_options(explicit: dict, preset: dict | None, defaults: dict) -> dict:
@@ -190,7 +200,9 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
     seeds = [seed + i for i in range(runs)]
 
     def score(net):  # the real test set, mapped like the baselines' real images
-        return evaluate(net, test, device, real_prep, batch_standardize=recipe.batch_standardize, workers=workers)
+        # standardised test batches depend on the batch size: SPEED tests in batches of 128 (speed.md §5.2)
+        return evaluate(net, test, device, real_prep, batch_size=128 if recipe.batch_standardize else 500,
+                        batch_standardize=recipe.batch_standardize, workers=workers)
     if isinstance(train, tuple):
         train = torch.utils.data.TensorDataset(*train)
     for b in ("full", "herding"):
@@ -260,7 +272,10 @@ def main(
                                          "1000 epochs (ImageNet family: by decoded IPC), multistep, SGD lr 0.01 "
                                          "wd 5e-4 batch 64 (ImageNet >= 100 classes: 0.1, 1e-4, 128), DSA idc mode "
                                          "per dataset, CutMix p 0.5 (ImageNet 1.0). On ImageNet-family data DSA "
-                                         "stands in for IDC's CPU torchvision augmentation."),
+                                         "stands in for IDC's CPU torchvision augmentation. speed / mtt: "
+                                         "MTT's evaluate_synset (speed.md §5.2): 1001 epochs, lr = the set's "
+                                         "learned lr, x0.1 with a fresh optimiser after epoch 501, batch 256, DSA "
+                                         "single; speed also standardises every batch (§1.3)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "--epoch_eval_train", help="Training epochs per run "
                                          "(default 300; the papers use 1000; lr drops ×0.1 after half with the "
                                          "default step schedule)."),
@@ -284,8 +299,10 @@ def main(
     mix_p: Optional[float] = typer.Option(None, "--mix-p", "--mix_p", help="CutMix probability per batch, applied "
                                           "after DSA (default 0: off; idc_dream.md §2.5)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="CutMix λ ~ Beta(beta, beta) (default 1)."),
-    batch_standardize: bool = typer.Option(False, "--batch-standardize", help="SPEED's per-batch scalar "
-                                           "standardisation of inputs (speed.md §1.3)."),
+    batch_standardize: Optional[bool] = typer.Option(None, "--batch-standardize/--no-batch-standardize",
+                                                     help="SPEED's per-batch scalar standardisation of train and "
+                                                     "test inputs (speed.md §1.3; default off, on with --preset "
+                                                     "speed)."),
     baseline: list[str] = typer.Option([], "--baseline", help="Also train on: 'random' (a random real subset of "
                                        "the set's storage IPC, same recipe and seeds), 'herding' (a herding subset "
                                        "of that IPC, selected once; see --herding-model) and/or 'full' (all real "
@@ -373,14 +390,19 @@ def main(
 
     # Recipe: each field from its flag if given, else the preset, else RECIPE_DEFAULTS (lr: the learned one).
     protocol = None
-    if preset is not None:  # IDC/DREAM (idc_dream.md §5): epochs depend on the set's stored IPC and its factor
+    if preset in ("speed", "mtt"):
+        protocol = trajectory_protocol(preset)
+    elif preset is not None:  # IDC/DREAM (idc_dream.md §5): epochs depend on the set's stored IPC and its factor
         meta = synset.meta if synset is not None else {}
         set_factor = (meta.get("decoder_args") or {}).get("factor") if meta.get("decoder") == "multiformation" else None
         protocol = idc_protocol(spec, meta.get("ipc", ipc), int(set_factor or factor or 1))
-    defaults = dict(RECIPE_DEFAULTS, lr=float(synset.lr) if synset is not None and synset.lr is not None else 0.01)
+    defaults = dict(RECIPE_DEFAULTS, lr=float(synset.lr) if synset is not None and synset.lr is not None else 0.01,
+                    batch_standardize=False)
     opt = resolve_options(dict(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                batch_size=batch_size, schedule=schedule, dsa=dsa, dsa_strategy=dsa_strategy,
-                               dsa_mode=dsa_mode, mix_p=mix_p, beta=beta), protocol, defaults)
+                               dsa_mode=dsa_mode, mix_p=mix_p, beta=beta, batch_standardize=batch_standardize),
+                          protocol, defaults)
+    batch_standardize = opt["batch_standardize"]
     aug = DSA(opt["dsa_strategy"], mode=opt["dsa_mode"], params=DSAParams(align_corners=opt["dsa_align_corners"])) \
         if opt["dsa"] else None
     recipe = TrainRecipe(epochs=opt["epochs"], lr=opt["lr"], momentum=opt["momentum"],

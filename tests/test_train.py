@@ -19,6 +19,8 @@ def test_lr_schedules():
     assert [_lr_factor("step", e, 10) for e in (0, 4, 5, 9)] == [1, 1, 0.1, 0.1]
     assert _lr_factor("multistep", 6, 9) == pytest.approx(0.2) and _lr_factor("multistep", 8, 9) == pytest.approx(0.04)
     assert _lr_factor("cosine", 0, 10) == 1 and _lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    # 'mtt': 1001 epochs run 502 at the initial lr (indices 0..501), then x0.1 (speed.md §5.2)
+    assert [_lr_factor("mtt", e, 1001) for e in (0, 501, 502, 1000)] == [1, 1, 0.1, 0.1]
     with pytest.raises(UserError):
         _lr_factor("warp", 0, 1)
 

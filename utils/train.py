@@ -38,7 +38,9 @@ class TrainRecipe:
     weight_decay: float = 5e-4
     batch_size: int = 256
     # 'step': lr × 0.1 once, after epochs//2 (DC/DSA/MTT); 'multistep': × 0.2 at ⌊2E/3⌋ and ⌊5E/6⌋ (IDC test.py);
-    # 'cosine': cosine to 0; 'none': constant.
+    # 'cosine': cosine to 0; 'none': constant; 'mtt': MTT/SPEED evaluate_synset (speed.md §5.2): the reference runs
+    # epochs 0..E with E = epochs - 1 and, after finishing epoch E//2 + 1, multiplies the lr by 0.1 with a FRESH
+    # optimiser (momentum buffers reset). So `--epochs 1001` is the papers' "1000 epochs".
     schedule: str = "step"
     dsa: Callable | None = None          # utils.dsa.DSA instance, applied per batch (not Siamese)
     batch_standardize: bool = False      # SPEED's per-batch scalar standardisation (speed.md §1.3)
@@ -56,9 +58,16 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
         return 0.1 if epoch >= epochs // 2 else 1.0
     if schedule == "multistep":
         return 0.2 ** ((epoch >= (2 * epochs) // 3) + (epoch >= (5 * epochs) // 6))
+    if schedule == "mtt":
+        return 0.1 if epoch > mtt_drop_epoch(epochs) else 1.0
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
-    raise UserError(f"unknown lr schedule '{schedule}' (step, multistep, cosine, none)")
+    raise UserError(f"unknown lr schedule '{schedule}' (step, multistep, cosine, none, mtt)")
+
+
+def mtt_drop_epoch(epochs: int) -> int:
+    """Last epoch index at the initial lr under the 'mtt' schedule: (epochs - 1) // 2 + 1 (501 for 1001 epochs)."""
+    return (epochs - 1) // 2 + 1
 
 
 def standardize_batch(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +178,9 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
     bs = min(recipe.batch_size, n)
     losses = []
     for epoch in progress(range(recipe.epochs), total=recipe.epochs, desc=desc):
+        if recipe.schedule == "mtt" and epoch == mtt_drop_epoch(recipe.epochs) + 1:  # the reference's new optimiser
+            opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                  weight_decay=recipe.weight_decay)
         for g in opt.param_groups:
             g["lr"] = recipe.lr * _lr_factor(recipe.schedule, epoch, recipe.epochs)
         order = torch.randperm(n, generator=generator)
