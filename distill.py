@@ -353,8 +353,11 @@ def unrolled_loss(u: Unroll, images: torch.Tensor, alpha: torch.Tensor) -> torch
     syn_steps). `images` are the decoded rows the batches index."""
     theta = u.start.clone().requires_grad_(True)
     mom = torch.zeros_like(theta)
-    for t, idx in enumerate(u.batches):
-        ce = u.step_loss(theta, images[idx], t)
+    # One gather for all steps, then split: indexing `images` once per step would make every step's backward
+    # allocate a dense gradient of the whole decoded tensor (syn_steps of them alive at once).
+    per_step = images[torch.cat(u.batches)].split([len(b) for b in u.batches])
+    for t, x in enumerate(per_step):
+        ce = u.step_loss(theta, x, t)
         grad = torch.autograd.grad(ce, theta, create_graph=True)[0]
         theta, mom = u.update(theta, mom, grad, alpha)
     return parameter_distance(theta, u.start, u.target)
@@ -498,7 +501,8 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
                 raise UserError(f"the learned lr became {float(alpha)} at iteration {it}; the last checkpoint is "
                                 "kept. Lower --lr-lr (or set --lr-floor) and resume with --overwrite")
         state.it = it + 1
-        state.history.append({"it": it, "match_loss": float(match), "reg": float(reg), "syn_lr": float(alpha),
+        state.history.append({"it": it, "match_loss": float(match.detach()), "reg": float(reg.detach()),
+                              "syn_lr": float(alpha.detach()),
                               "start_epoch": s, "seconds": time.time() - t0})
         log.row(**state.history[-1])
         if on_iter is not None:
@@ -508,6 +512,10 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
 
 
 # ------------------------------------------------------------------------------------ data and buffers
+
+def _num_params(model: str, spec: DatasetSpec) -> int:
+    return sum(p.numel() for p in get_network(model, spec.channels, spec.num_classes, spec.resolution).parameters())
+
 
 def read_buffer_meta(folder: Path) -> dict:
     """buffer.py's record of how the experts saw their data (value space, ZCA, subset); {} for legacy buffers."""
@@ -612,7 +620,8 @@ def main(
     data_path: Path = _O(Path("data"), "--data-path", "--data_path", help="Raw dataset folder (MTT's real init, "
                          "and the ZCA fit for legacy buffers)."),
     buffer_path: Path = _O(Path("buffers"), "--buffer-path", "--buffer_path", help="Root of buffer.py's output; "
-                           "the expert folder is <root>/<dataset>[/<subset>/128][_NO_ZCA]/<model> (speed.md §1.6)."),
+                           "the expert folder is <root>/<dataset>/<model>, with /<subset>/128 after the dataset for ImageNet subsets and "
+                           "_NO_ZCA after it for CIFAR without ZCA (speed.md §1.6)."),
     expert_folder: Optional[Path] = _O(None, "--expert-dir", help="The folder of replay_buffer_*.pt files itself "
                                        "(overrides --buffer-path)."),
     out: Optional[Path] = _O(None, "--out", "--save-dir", help="Output directory (set + checkpoint + logs). "
@@ -696,6 +705,10 @@ def main(
                                          subset=subset, res=spec.resolution if subset else None)
     files = buffer_files(folder)
     bmeta = read_buffer_meta(folder)
+    if bmeta.get("net") and get_network(bmeta["net"], spec.channels, spec.num_classes, spec.resolution) is not None \
+            and _num_params(bmeta["net"], spec) != _num_params(cfg.model, spec):
+        raise UserError(f"the experts in {folder} are {bmeta['net']} networks but --model is {cfg.model}: their "
+                        "parameters do not match; pass the experts' --model")
     zca = bool(bmeta.get("zca", zca))
     space = "zca" if zca else "normalized"
     subset_per_class = train_subset if train_subset is not None else bmeta.get("train_subset")

@@ -1,6 +1,7 @@
 """distill.py: the unroll, the loss, checkpointing, one step, presets and the CLI (MTT and SPEED)."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -177,3 +178,145 @@ def test_unroll_type_is_a_dataclass_with_replayable_plans():
     assert unrolled_loss(u, x, a).item() == unrolled_loss(u, x, a).item()  # same plans -> same loss
 
 
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+from typer.testing import CliRunner  # noqa: E402
+
+import buffer as B  # noqa: E402
+import validate as V  # noqa: E402
+from tests.test_validate import make_mnist_like  # noqa: E402
+from utils.synset import load_synset  # noqa: E402
+from utils.trajectory import buffer_files, load_buffer_file, save_buffer_file  # noqa: E402
+
+runner = CliRunner()
+NET = "ConvNet-1-w8"
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Tiny MNIST-like data and 2 experts x 3 epochs made by buffer.py."""
+    root = tmp_path_factory.mktemp("distill")
+    (root / "data").mkdir()
+    make_mnist_like(root / "data", n_train=12, n_test=5)
+    r = runner.invoke(B.app, ["--dataset", "MNIST", "--data-path", str(root / "data"), "--model", NET,
+                              "--train-epochs", "3", "--num-experts", "2", "--batch-train", "32",
+                              "--buffer-path", str(root / "buffers"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _distill(experts, out, *extra, method="speed"):
+    return runner.invoke(distill.app, ["--dataset", "MNIST", "--ipc", "1", "--method", method, "--model", NET,
+                                       "--data-path", str(experts / "data"), "--buffer-path",
+                                       str(experts / "buffers"), "--iterations", "4", "--syn-steps", "3",
+                                       "--max-start-epoch", "1", "--batch-syn", "16", "--out", str(out),
+                                       "--quiet", *extra])
+
+
+def _tensors(out):
+    return torch.load(out / "synset.pt", weights_only=True)["tensors"]
+
+
+def test_cli_speed_writes_a_set_validate_decodes(experts, tmp_path):
+    out = tmp_path / "speed"
+    r = _distill(experts, out)
+    assert r.exit_code == 0, r.output
+    for f in ("synset.pt", "meta.json", "grid.png", "ckpt.pt", "log.csv", "config.json", "images_final.pt"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["decoder"] == "speed" and meta["ipc"] == 1 and meta["method"] == "speed"
+    t = _tensors(out)
+    assert t["scm_index"].dtype == torch.int16 and t["scm_value"].shape == t["scm_index"].shape
+    syn = load_synset(out)
+    images, labels = syn.decode()
+    assert images.shape == (80, 1, 28, 28) and torch.equal(labels, torch.arange(10).repeat_interleave(8))
+    assert torch.allclose(images, torch.load(out / "images_final.pt", weights_only=True))
+    assert 0.001 <= float(syn.lr) and len((out / "log.csv").read_text().splitlines()) == 5
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["storage_floats"] <= cfg["budget_floats"] == 10 * 784
+    r = runner.invoke(V.app, ["--syn", str(out), "--data-path", str(experts / "data"), "--model", NET, "--epochs",
+                              "2", "--runs", "1", "--preset", "speed", "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["batch_standardize"] is True and res["config"]["schedule"] == "mtt"
+
+
+def test_cli_resume_after_interruption_equals_uninterrupted(experts, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert _distill(experts, full, "--ckpt-every", "2").exit_code == 0
+    real = distill.distill
+
+    def interrupted(*a, **k):
+        on_iter = a[-1]
+
+        def stop(st, fill):
+            on_iter(st, fill)
+            if st.it == 3:       # killed after iteration 3; the last checkpoint is from iteration 2
+                raise KeyboardInterrupt
+        return real(*a[:-1], stop)
+    monkeypatch.setattr(distill, "distill", interrupted)
+    cut = tmp_path / "cut"
+    r = _distill(experts, cut, "--ckpt-every", "2")
+    assert r.exit_code == 130 and not (cut / "synset.pt").exists()
+    monkeypatch.setattr(distill, "distill", real)
+    assert _distill(experts, cut, "--ckpt-every", "2").exit_code == 0
+    a, b = _tensors(full), _tensors(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (cut / "log.csv").read_text().splitlines()
+    assert len(rows) == 5  # iteration 2 logged once, not twice
+    # more iterations continue the finished run (the fingerprint leaves --iterations out)
+    assert _distill(experts, cut, "--iterations", "5").exit_code == 0
+    assert len((cut / "log.csv").read_text().splitlines()) == 6
+
+
+def test_cli_mtt_starts_from_real_images_and_checkpointing_matches(experts, tmp_path):
+    r = _distill(experts, tmp_path / "mtt", "--iterations", "0", method="mtt")
+    assert r.exit_code == 0, r.output
+    init = _tensors(tmp_path / "mtt")["images"]
+    assert init.shape == (10, 1, 28, 28)
+    # real init: each image is a normalised real image of its class (the class's bright block is there)
+    from utils.datasets import get_dataset_spec, normalize
+    spec = get_dataset_spec("MNIST")
+    bright = normalize(torch.ones(1, 1, 1, 1), spec.mean, spec.std).item()
+    for c in range(10):
+        r0, c0 = 2 + 8 * (c // 3), 2 + 8 * (c % 3)
+        assert torch.allclose(init[c, 0, r0:r0 + 6, c0:c0 + 6], torch.tensor(bright))
+    outs = []
+    for name, extra in (("plain", ()), ("ckpt", ("--checkpoint-unroll",))):
+        assert _distill(experts, tmp_path / name, "--iterations", "3", *extra, method="mtt").exit_code == 0
+        outs.append(_tensors(tmp_path / name)["images"])
+    assert not torch.equal(outs[0], init) and torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_legacy_buffer_without_meta_is_read(experts, tmp_path):
+    src = buffer_files(experts / "buffers" / "MNIST" / NET)[0]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_buffer_file(load_buffer_file(src), legacy / "replay_buffer_0.pt")
+    r = _distill(experts, tmp_path / "out", "--expert-dir", str(legacy), "--iterations", "1")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["space"] == "normalized"
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (("--buffer-path", "/nonexistent/buffers"), "buffer"),
+    (("--model", "ConvNet-2-w8", "--expert-dir", "EXPERTS"), "parameters"),
+    (("--n-per-class", "500"), "budget"),
+    (("--model", "NoSuchNet"), "NoSuchNet"),
+    (("--method", "kip"), "kip"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(experts, tmp_path, extra, msg):
+    out = tmp_path / "bad"
+    extra = [str(experts / "buffers" / "MNIST" / NET) if e == "EXPERTS" else e for e in extra]
+    r = _distill(experts, out, *extra)
+    assert r.exit_code == 2 and msg.lower() in r.output.lower() and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()  # caught before the output folder is created
+
+
+def test_help_lists_new_and_original_flag_spellings():
+    r = runner.invoke(distill.app, ["--help"], env={"COLUMNS": "220"})
+    for flag in ("--syn_steps", "--syn-steps", "--expert_epochs", "--max_start_epoch", "--lr_teacher", "--num_scm",
+                 "--top_k", "--l1_weight", "--Iteration", "--checkpoint-unroll", "--buffer_path", "--no_aug"):
+        assert flag in r.output, flag
