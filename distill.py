@@ -116,6 +116,10 @@ MTT_PRESETS: dict[tuple[str, int], dict] = {
     ("TinyImageNet", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=10000, lr_lr=1e-4,
                                lr_teacher=0.01, batch_syn=300),
 }
+# Which MTT rows were distilled in ZCA space (the --zca of MTT's published commands); it decides the expert folder.
+MTT_ZCA = {("CIFAR10", 1): True, ("CIFAR10", 10): True, ("CIFAR10", 50): False, ("CIFAR100", 1): True,
+           ("CIFAR100", 10): False, ("CIFAR100", 50): True, ("TinyImageNet", 1): False, ("TinyImageNet", 10): False,
+           ("TinyImageNet", 50): False}
 MTT_COMMON = dict(inner_momentum=0.0, lr_floor=None, outer_momentum=0.5, batch_syn=None, iterations=5000)
 
 
