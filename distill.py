@@ -80,6 +80,7 @@ class DistillConfig:
     lr_scm: float = 100.0
     lr_freenet: float = 0.01
     init_std: float = 0.2
+    scm_train: str = "dense"         # dense: the reference (top-k only at save, bug 10); topk-ste: see SCM_TRAIN
     # MTT
     lr_img: float = 1000.0
     pix_init: str = "real"           # real: random real images of each class; noise: N(0, 1)
@@ -93,6 +94,10 @@ class DistillConfig:
 
 
 METHODS = ("speed", "mtt")
+# How the SCM enters the training forward pass. dense: the reference (the dense codes are trained and only the saved
+# copy is pruned to top-k, speed.md §3.3 / bug 10). topk-ste: the forward pass uses the top-k codes that will be
+# saved, with a straight-through (identity) backward (§7's listed non-default variant).
+SCM_TRAIN = ("dense", "topk-ste")
 
 # MTT's published settings (MTT paper's hyperparameter table / README commands; not in speed.md, which covers
 # only the parts SPEED shares): (dataset, ipc) -> syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr,
@@ -151,7 +156,13 @@ def resolve_config(method: str, spec: DatasetSpec, ipc: int, explicit: dict) -> 
     whole budget."""
     if method not in METHODS:
         raise UserError(f"unknown --method '{method}' ({', '.join(METHODS)})")
-    preset = preset_values(method, spec, ipc)
+    try:
+        preset = preset_values(method, spec, ipc)
+    except UserError:
+        # no published row (e.g. Tiny-ImageNet IPC 50): allowed when the code's whole shape is given explicitly
+        if method != "speed" or any(explicit.get(k) is None for k in SPEED_SHAPE_FIELDS):
+            raise
+        preset = {}
     base = asdict(DistillConfig())
     values = {k: explicit[k] if explicit.get(k) is not None else preset.get(k, base[k]) for k in base}
     values.update(method=method, dataset=spec.name, ipc=ipc)
@@ -180,6 +191,8 @@ def check_config(cfg: DistillConfig, spec: DatasetSpec) -> None:
         raise UserError(f"--lr-teacher must be a positive number, got {cfg.lr_teacher}")
     if not 0 <= cfg.inner_momentum < 1:
         raise UserError(f"--inner-momentum must be in [0, 1), got {cfg.inner_momentum}")
+    if cfg.scm_train not in SCM_TRAIN:
+        raise UserError(f"unknown --scm-train '{cfg.scm_train}' ({', '.join(SCM_TRAIN)})")
     if cfg.method == "mtt" and cfg.pix_init not in ("real", "noise"):
         raise UserError(f"unknown --pix-init '{cfg.pix_init}' (real, noise)")
     if cfg.method == "speed":
@@ -275,7 +288,11 @@ class SpeedCode:
         return list(self.opts.values())
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.freenet(self.saet, self.scm[idx])
+        codes = self.scm[idx]
+        if self.cfg.scm_train == "topk-ste":
+            from utils.speed import straight_through_topk
+            codes = straight_through_topk(codes, self.cfg.top_k)
+        return self.freenet(self.saet, codes)
 
     def regularizer(self) -> torch.Tensor:
         # §3.3: lambda * sum |A| over the WHOLE dense SCM, handled by its subgradient in the same SGD step.
@@ -599,7 +616,8 @@ def load_checkpoint(path: Path, fingerprint: str) -> RunState:
 
 
 def config_fingerprint(cfg: DistillConfig, extra: dict) -> str:
-    keyed = {k: v for k, v in asdict(cfg).items() if k != "iterations"}  # more iterations may continue a run
+    # more iterations may continue a run; checkpointing the unroll changes memory, not the gradients
+    keyed = {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "checkpoint_unroll")}
     return hashlib.sha1(json.dumps({**keyed, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -663,6 +681,9 @@ def main(
     lr_saet: Optional[float] = _O(None, "--lr-saet", "--lr_saet", help="SPEED: SAET lr (10)."),
     lr_scm: Optional[float] = _O(None, "--lr-scm", "--lr_scm", help="SPEED: SCM lr (100)."),
     lr_freenet: Optional[float] = _O(None, "--lr-freenet", "--lr_freenet", help="SPEED: FReeNet lr (0.01)."),
+    scm_train: Optional[str] = _O(None, "--scm-train", help="SPEED: dense (reference: train the dense codes, prune "
+                                  "to top-k only when saving) or topk-ste (train through the top-k codes that will "
+                                  "be saved, straight-through gradient; a non-default variant, speed.md §7)."),
     dsa: Optional[bool] = _O(None, "--dsa/--no-dsa", help="DSA on every student batch (on)."),
     no_aug: bool = _O(False, "--no-aug", "--no_aug", help="Same as --no-dsa (the reference's spelling)."),
     dsa_strategy: Optional[str] = _O(None, "--dsa-strategy", "--dsa_strategy", help="DSA families (mode single)."),
@@ -693,7 +714,7 @@ def main(
                     inner_momentum=inner_momentum, lr_floor=lr_floor, outer_momentum=outer_momentum, lr_img=lr_img,
                     pix_init=pix_init, n_per_class=n_per_class, num_saet=num_saet, dim=dim, depth=depth, heads=heads,
                     patch=patch, top_k=top_k, l1_weight=l1_weight, lr_saet=lr_saet, lr_scm=lr_scm,
-                    lr_freenet=lr_freenet, dsa=False if no_aug else dsa, dsa_strategy=dsa_strategy,
+                    lr_freenet=lr_freenet, scm_train=scm_train, dsa=False if no_aug else dsa, dsa_strategy=dsa_strategy,
                     inner_standardize=inner_standardize, load_all=load_all or None, max_files=max_files,
                     max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp or None, seed=seed)
     cfg = resolve_config(method.lower(), spec, ipc, explicit)

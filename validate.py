@@ -364,8 +364,8 @@ def main(
 
     if syn is not None and synset is None:
         synset = load_synset(syn, dataset=dataset, factor=factor, zca_state=zca_state)
-        if synset.space == "zca":
-            zca_state = synset.zca_state
+    if synset is not None and synset.space == "zca" and synset.zca_state is not None:
+        zca_state = synset.zca_state  # a set saved in ZCA space carries the ZCA its images live in
     space = synset.space if synset is not None else "pixel"  # baselines alone: real pixels, mapped like a pixel set
 
     train = None

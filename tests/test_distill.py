@@ -320,3 +320,30 @@ def test_help_lists_new_and_original_flag_spellings():
     for flag in ("--syn_steps", "--syn-steps", "--expert_epochs", "--max_start_epoch", "--lr_teacher", "--num_scm",
                  "--top_k", "--l1_weight", "--Iteration", "--checkpoint-unroll", "--buffer_path", "--no_aug"):
         assert flag in r.output, flag
+
+
+def test_straight_through_topk_forward_is_the_saved_codes_backward_is_dense():
+    from utils.speed import straight_through_topk, topk_prune
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 4, 5, requires_grad=True)
+    out = straight_through_topk(a, 6)
+    assert torch.equal(out.detach(), topk_prune(a.detach(), 6))
+    assert ((out != 0).flatten(2).sum(-1) == 6).all()
+    (out * torch.arange(a.numel()).reshape(a.shape)).sum().backward()
+    assert torch.equal(a.grad, torch.arange(a.numel()).reshape(a.shape).float())  # identity backward
+
+
+def test_unpublished_row_runs_with_explicit_shape_only():
+    tiny = get_dataset_spec("TinyImageNet")
+    with pytest.raises(UserError, match="IPC50|IPC 50"):
+        resolve_config("speed", tiny, 50, {})
+    shape = dict(num_saet=128, dim=256, depth=2, heads=8, patch=8, top_k=128)
+    cfg = resolve_config("speed", tiny, 50, shape)
+    distill.check_config(cfg, tiny)
+    assert cfg.model == "ConvNetD4" and cfg.n_per_class > 78
+
+
+def test_cli_speed_topk_ste_trains_the_saved_codes(experts, tmp_path):
+    r = _distill(experts, tmp_path / "ste", "--scm-train", "topk-ste", "--iterations", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ste" / "config.json").read_text())["scm_train"] == "topk-ste"

@@ -415,3 +415,19 @@ def test_cli_herding_baseline_records_its_options_and_resumes(mnist, tmp_path, m
     assert r.exit_code == 2 and "another configuration" in r.output
     r = CliRunner().invoke(validate.app, ["--dataset", "MNIST", "--data-path", str(mnist), "--baseline", "herding"])
     assert r.exit_code == 2 and "needs --ipc" in r.output
+
+
+def test_zca_set_validates_without_dataset_flag(mnist, tmp_path):
+    """A set saved in ZCA space names its dataset and carries its ZCA: `--syn DIR` alone is enough."""
+    from utils.synset import SyntheticSet, make_meta
+    from utils.zca import ZCA
+    tr, spec = load_split("MNIST", mnist, "train")
+    zca = ZCA.fit(to_pixels(tr.images))
+    idx = validate._random_subset(tr.labels, 10, 1, 0)
+    syn = SyntheticSet({"images": zca.transform(to_pixels(tr.images[idx]))}, tr.labels[idx],
+                       make_meta(spec, space="zca", ipc=1, method="copy", zca_eps=0.1), zca_state=zca.state_dict())
+    save_synset(syn, tmp_path / "set")
+    r = CliRunner().invoke(validate.app, ["--syn", str(tmp_path / "set"), "--data-path", str(mnist), "--model",
+                                          "ConvNet-1", "--epochs", "2", "--runs", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "set" / "results.json").read_text())["space"] == "zca"

@@ -389,6 +389,18 @@ def topk_prune(scm: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torc
         return out.reshape(n, h, l, kk)
 
 
+def straight_through_topk(scm: torch.Tensor, k: int) -> torch.Tensor:
+    """A non-default training variant (speed.md §7, "top-k with straight-through in training"): the forward pass
+    sees exactly the k largest |value| per (image, head), i.e. the codes that will be saved, while the backward pass
+    is the identity, so every entry keeps receiving the dense gradient and may enter the top-k later. Removes the
+    train/eval mismatch of bug 10 at the cost of departing from the reference's dense training."""
+    n, h, l, kk = scm.shape
+    flat = scm.reshape(n, h, l * kk)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.detach().abs().topk(k, dim=-1).indices, True)
+    pruned = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    return (flat + (pruned - flat).detach()).reshape(n, h, l, kk)
+
+
 def pack_scm(scm: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> dict[str, torch.Tensor]:
     """Compact storage (speed.md §7 improvements, §3.4): exactly the k largest |value| per (image, head).
 
