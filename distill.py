@@ -81,6 +81,7 @@ class DistillConfig:
     lr_freenet: float = 0.01
     init_std: float = 0.2
     scm_train: str = "dense"         # dense: the reference (top-k only at save, bug 10); topk-ste: see SCM_TRAIN
+    l1_mode: str = "subgradient"     # subgradient: the reference (§3.3); proximal: soft-threshold after each step
     # MTT
     lr_img: float = 1000.0
     pix_init: str = "real"           # real: random real images of each class; noise: N(0, 1)
@@ -96,8 +97,13 @@ class DistillConfig:
 METHODS = ("speed", "mtt")
 # How the SCM enters the training forward pass. dense: the reference (the dense codes are trained and only the saved
 # copy is pruned to top-k, speed.md §3.3 / bug 10). topk-ste: the forward pass uses the top-k codes that will be
-# saved, with a straight-through (identity) backward (§7's listed non-default variant).
-SCM_TRAIN = ("dense", "topk-ste")
+# saved, with a straight-through (identity) backward (§7's listed non-default variant). topk: the same forward, the
+# gradient only to the kept codes (utils.speed.masked_topk).
+SCM_TRAIN = ("dense", "topk-ste", "topk")
+# How the L1 term acts on the SCM. subgradient: the reference (lambda * sign(A) inside the momentum SGD step; entries
+# oscillate around zero and never become exactly zero, §3.3). proximal: the L1 term leaves the loss and, after each
+# step, A <- sign(A) * max(|A| - lr_scm * lambda, 0) (§7's listed non-default variant), which gives exact zeros.
+L1_MODES = ("subgradient", "proximal")
 
 # MTT's published settings (MTT paper's hyperparameter table / README commands; not in speed.md, which covers
 # only the parts SPEED shares): (dataset, ipc) -> syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr,
@@ -191,6 +197,8 @@ def check_config(cfg: DistillConfig, spec: DatasetSpec) -> None:
         raise UserError(f"--lr-teacher must be a positive number, got {cfg.lr_teacher}")
     if not 0 <= cfg.inner_momentum < 1:
         raise UserError(f"--inner-momentum must be in [0, 1), got {cfg.inner_momentum}")
+    if cfg.l1_mode not in L1_MODES:
+        raise UserError(f"unknown --l1-mode '{cfg.l1_mode}' ({', '.join(L1_MODES)})")
     if cfg.scm_train not in SCM_TRAIN:
         raise UserError(f"unknown --scm-train '{cfg.scm_train}' ({', '.join(SCM_TRAIN)})")
     if cfg.method == "mtt" and cfg.pix_init not in ("real", "noise"):
@@ -248,6 +256,9 @@ class PixelImages:
     def regularizer(self) -> torch.Tensor:
         return self.images.new_zeros(())
 
+    def after_step(self) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {"images": self.images.detach().cpu(), "opt": self.opt.state_dict()}
 
@@ -277,7 +288,8 @@ class SpeedCode:
         self.saet = (torch.randn(1, cfg.num_saet, cfg.dim, generator=gen) * cfg.init_std).to(device).requires_grad_()
         self.scm = (torch.randn(n, cfg.heads, L, cfg.num_saet, generator=gen) * cfg.init_std).to(device) \
             .requires_grad_()
-        self.freenet = FReeNet(cfg.dim, cfg.depth, cfg.heads, cfg.patch, channels=spec.channels, generator=gen).to(device)
+        self.freenet = FReeNet(cfg.dim, cfg.depth, cfg.heads, cfg.patch, channels=spec.channels,
+                               generator=gen).to(device)
         m = cfg.outer_momentum
         self.opts = {"saet": torch.optim.SGD([self.saet], lr=cfg.lr_saet, momentum=m),
                      "scm": torch.optim.SGD([self.scm], lr=cfg.lr_scm, momentum=m),
@@ -292,11 +304,21 @@ class SpeedCode:
         if self.cfg.scm_train == "topk-ste":
             from utils.speed import straight_through_topk
             codes = straight_through_topk(codes, self.cfg.top_k)
+        elif self.cfg.scm_train == "topk":
+            from utils.speed import masked_topk
+            codes = masked_topk(codes, self.cfg.top_k)
         return self.freenet(self.saet, codes)
 
     def regularizer(self) -> torch.Tensor:
         # §3.3: lambda * sum |A| over the WHOLE dense SCM, handled by its subgradient in the same SGD step.
-        return self.cfg.l1_weight * self.scm.abs().sum()
+        reg = self.cfg.l1_weight * self.scm.abs().sum()
+        return reg.detach() if self.cfg.l1_mode == "proximal" else reg
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.cfg.l1_mode == "proximal":
+            t = self.cfg.lr_scm * self.cfg.l1_weight
+            self.scm.copy_(self.scm.sign() * (self.scm.abs() - t).clamp_(min=0))
 
     def state_dict(self) -> dict:
         return {"saet": self.saet.detach().cpu(), "scm": self.scm.detach().cpu(),
@@ -434,7 +456,8 @@ def checkpointed_loss(u: Unroll, images: torch.Tensor, alpha: torch.Tensor) -> t
 
 
 def plan_unroll(student: FlatNet, start, target, labels: torch.Tensor, n: int, cfg: DistillConfig,
-                dsa: Optional[DSA], gen: torch.Generator, shape: tuple[int, int], device) -> tuple[Unroll, torch.Tensor]:
+                dsa: Optional[DSA], gen: torch.Generator, shape: tuple[int, int],
+                device) -> tuple[Unroll, torch.Tensor]:
     """Draw one unroll's batches and augmentation; returns it and the sorted rows it touches (decoded once)."""
     batches = unroll_batches(n, cfg.batch_syn, cfg.syn_steps, gen)
     plans = [dsa.sample(len(b), shape[0], shape[1], gen, device=device) if dsa is not None else None
@@ -515,6 +538,7 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
                             "with --overwrite")
         for opt in [*params.optimizers, alpha_opt]:
             opt.step()
+        params.after_step()
         with torch.no_grad():
             if cfg.lr_floor is not None:
                 alpha.clamp_(min=cfg.lr_floor)   # §3.1: SPEED clamps; MTT does not
@@ -642,7 +666,8 @@ def main(
     data_path: Path = _O(Path("data"), "--data-path", "--data_path", help="Raw dataset folder (MTT's real init, "
                          "and the ZCA fit for legacy buffers)."),
     buffer_path: Path = _O(Path("buffers"), "--buffer-path", "--buffer_path", help="Root of buffer.py's output; "
-                           "the expert folder is <root>/<dataset>/<model>, with /<subset>/128 after the dataset for ImageNet subsets and "
+                           "the expert folder is <root>/<dataset>/<model>, with /<subset>/128 after the dataset for "
+                           "ImageNet subsets and "
                            "_NO_ZCA after it for CIFAR without ZCA (speed.md §1.6)."),
     expert_folder: Optional[Path] = _O(None, "--expert-dir", help="The folder of replay_buffer_*.pt files itself "
                                        "(overrides --buffer-path)."),
@@ -681,6 +706,11 @@ def main(
     lr_saet: Optional[float] = _O(None, "--lr-saet", "--lr_saet", help="SPEED: SAET lr (10)."),
     lr_scm: Optional[float] = _O(None, "--lr-scm", "--lr_scm", help="SPEED: SCM lr (100)."),
     lr_freenet: Optional[float] = _O(None, "--lr-freenet", "--lr_freenet", help="SPEED: FReeNet lr (0.01)."),
+    init_std: Optional[float] = _O(None, "--init-std", help="SPEED: std of the Gaussian SAET/SCM initialisation "
+                                   "(0.2, hard-coded in the reference)."),
+    l1_mode: Optional[str] = _O(None, "--l1-mode", help="SPEED: subgradient (reference: lambda*sign(A) in the SGD "
+                                "step) or proximal (soft-threshold A by lr_scm*lambda after each step: exact zeros; "
+                                "a non-default variant, speed.md §7)."),
     scm_train: Optional[str] = _O(None, "--scm-train", help="SPEED: dense (reference: train the dense codes, prune "
                                   "to top-k only when saving) or topk-ste (train through the top-k codes that will "
                                   "be saved, straight-through gradient; a non-default variant, speed.md §7)."),
@@ -714,7 +744,8 @@ def main(
                     inner_momentum=inner_momentum, lr_floor=lr_floor, outer_momentum=outer_momentum, lr_img=lr_img,
                     pix_init=pix_init, n_per_class=n_per_class, num_saet=num_saet, dim=dim, depth=depth, heads=heads,
                     patch=patch, top_k=top_k, l1_weight=l1_weight, lr_saet=lr_saet, lr_scm=lr_scm,
-                    lr_freenet=lr_freenet, scm_train=scm_train, dsa=False if no_aug else dsa, dsa_strategy=dsa_strategy,
+                    lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, dsa=False if no_aug else dsa,
+                    dsa_strategy=dsa_strategy,
                     inner_standardize=inner_standardize, load_all=load_all or None, max_files=max_files,
                     max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp or None, seed=seed)
     cfg = resolve_config(method.lower(), spec, ipc, explicit)

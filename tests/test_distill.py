@@ -347,3 +347,14 @@ def test_cli_speed_topk_ste_trains_the_saved_codes(experts, tmp_path):
     r = _distill(experts, tmp_path / "ste", "--scm-train", "topk-ste", "--iterations", "2")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ste" / "config.json").read_text())["scm_train"] == "topk-ste"
+
+
+def test_proximal_l1_soft_thresholds_the_codes():
+    cfg, spec, params, *_ = _fixed_problem("speed")
+    params.cfg = replace(cfg, l1_mode="proximal", l1_weight=1e-3, lr_scm=100.0)   # threshold 0.1
+    with torch.no_grad():
+        params.scm.copy_(torch.tensor([0.05, -0.05, 0.3, -0.3]).repeat(params.scm.numel() // 4).view_as(params.scm))
+    assert not params.regularizer().requires_grad        # the L1 term leaves the loss
+    params.after_step()
+    vals = params.scm.detach().flatten()[:4]
+    assert torch.allclose(vals, torch.tensor([0.0, 0.0, 0.2, -0.2]))

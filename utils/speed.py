@@ -401,6 +401,16 @@ def straight_through_topk(scm: torch.Tensor, k: int) -> torch.Tensor:
     return (flat + (pruned - flat).detach()).reshape(n, h, l, kk)
 
 
+def masked_topk(scm: torch.Tensor, k: int) -> torch.Tensor:
+    """Like `straight_through_topk` in the forward pass, but the gradient reaches only the k kept entries per
+    (image, head): pruned entries receive no matching gradient (only the L1 term moves them). Without the
+    straight-through path, the large LayerNorm gradients of all-zero patch rows never reach the pruned codes."""
+    n, h, l, kk = scm.shape
+    flat = scm.reshape(n, h, l * kk)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.detach().abs().topk(k, dim=-1).indices, True)
+    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(n, h, l, kk)
+
+
 def pack_scm(scm: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> dict[str, torch.Tensor]:
     """Compact storage (speed.md §7 improvements, §3.4): exactly the k largest |value| per (image, head).
 
