@@ -82,6 +82,7 @@ class DistillConfig:
     init_std: float = 0.2
     scm_train: str = "dense"         # dense: the reference (top-k only at save, bug 10); topk-ste: see SCM_TRAIN
     l1_mode: str = "subgradient"     # subgradient: the reference (§3.3); proximal: soft-threshold after each step
+    topk_from: Optional[int] = None  # from this iteration on, train through the top-k codes (scm_train "topk")
     # MTT
     lr_img: float = 1000.0
     pix_init: str = "real"           # real: random real images of each class; noise: N(0, 1)
@@ -290,6 +291,7 @@ class SpeedCode:
             .requires_grad_()
         self.freenet = FReeNet(cfg.dim, cfg.depth, cfg.heads, cfg.patch, channels=spec.channels,
                                generator=gen).to(device)
+        self.iteration = 0
         m = cfg.outer_momentum
         self.opts = {"saet": torch.optim.SGD([self.saet], lr=cfg.lr_saet, momentum=m),
                      "scm": torch.optim.SGD([self.scm], lr=cfg.lr_scm, momentum=m),
@@ -301,10 +303,13 @@ class SpeedCode:
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
         codes = self.scm[idx]
-        if self.cfg.scm_train == "topk-ste":
+        mode = self.cfg.scm_train
+        if self.cfg.topk_from is not None and self.iteration >= self.cfg.topk_from:
+            mode = "topk"
+        if mode == "topk-ste":
             from utils.speed import straight_through_topk
             codes = straight_through_topk(codes, self.cfg.top_k)
-        elif self.cfg.scm_train == "topk":
+        elif mode == "topk":
             from utils.speed import masked_topk
             codes = masked_topk(codes, self.cfg.top_k)
         return self.freenet(self.saet, codes)
@@ -525,6 +530,7 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
             raise UserError(f"expert snapshots have {start.numel()} parameters but {cfg.model} on {spec.name} has "
                             f"{student.num_params}: the buffer was made with another network or dataset")
         u, used = plan_unroll(student, start, target, labels, n, cfg, dsa, gen, (spec.resolution,) * 2, device)
+        params.iteration = it
         images = params.decode(used)            # each touched image decoded once per iteration (§7 improvement)
         match = loss_fn(u, images, alpha)
         reg = params.regularizer()
@@ -706,6 +712,9 @@ def main(
     lr_saet: Optional[float] = _O(None, "--lr-saet", "--lr_saet", help="SPEED: SAET lr (10)."),
     lr_scm: Optional[float] = _O(None, "--lr-scm", "--lr_scm", help="SPEED: SCM lr (100)."),
     lr_freenet: Optional[float] = _O(None, "--lr-freenet", "--lr_freenet", help="SPEED: FReeNet lr (0.01)."),
+    topk_from: Optional[int] = _O(None, "--topk-from", help="SPEED: from this iteration on, train through the "
+                                  "top-k codes that will be saved (gradient to the kept codes only): a dense phase, "
+                                  "then fine-tuning of the stored representation (a non-default variant)."),
     init_std: Optional[float] = _O(None, "--init-std", help="SPEED: std of the Gaussian SAET/SCM initialisation "
                                    "(0.2, hard-coded in the reference)."),
     l1_mode: Optional[str] = _O(None, "--l1-mode", help="SPEED: subgradient (reference: lambda*sign(A) in the SGD "
@@ -744,7 +753,7 @@ def main(
                     inner_momentum=inner_momentum, lr_floor=lr_floor, outer_momentum=outer_momentum, lr_img=lr_img,
                     pix_init=pix_init, n_per_class=n_per_class, num_saet=num_saet, dim=dim, depth=depth, heads=heads,
                     patch=patch, top_k=top_k, l1_weight=l1_weight, lr_saet=lr_saet, lr_scm=lr_scm,
-                    lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, dsa=False if no_aug else dsa,
+                    lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, topk_from=topk_from, dsa=False if no_aug else dsa,
                     dsa_strategy=dsa_strategy,
                     inner_standardize=inner_standardize, load_all=load_all or None, max_files=max_files,
                     max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp or None, seed=seed)

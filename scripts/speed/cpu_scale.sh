@@ -3,7 +3,7 @@
 # 10, each set validated with its method's protocol (--preset mtt|speed) next to a random real subset of the same
 # storage IPC, 3 seeds. Two single-threaded jobs at a time (JOBS).
 #
-#   bash scripts/speed/cpu_scale.sh                      # everything: buffers, 8 distillations, 8 validations
+#   bash scripts/speed/cpu_scale.sh                      # everything: buffers, 12 distillations, 12 validations
 #   bash scripts/speed/cpu_scale.sh one fmnist speed 1   # one distillation + its validation
 #
 # The CPU scale (the paper's is in scripts/speed/<row>.sh):
@@ -12,6 +12,8 @@
 # - distillation: ITERS (300) iterations, syn_steps 15, max_start_epoch 10, expert_epochs 2, lr_lr 1e-7; batch_syn
 #   32 (IPC 1) / 50 (IPC 10); SPEED keeps its preset's code shape and budget (Fashion-MNIST: the derived one-channel
 #   defaults, CIFAR-10: the published rows); MTT lr_img 100 on Fashion-MNIST, its CIFAR-10 preset's 1000 in ZCA space;
+# - SPEED twice: the reference (dense codes trained, pruned to top-k when saved) and speed-tk, the non-default
+#   variant --topk-from ITERS/2 (dense first half, then training through the saved top-k codes);
 # - validation: 300 epochs of the method's protocol (x0.1 after epoch 150), 2000 test images (200 per class).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,22 +41,24 @@ buffers() {
   done
 }
 
-one() {  # dataset method ipc
-  local d="$1" m="$2" ipc="$3" zca="" batch=50 extra=""
+one() {  # dataset method ipc; method: mtt, speed (the reference) or speed-tk (speed with --topk-from ITERS/2)
+  local d="$1" m="$2" ipc="$3" zca="" batch=50 extra="" method="$2"
   [ "$d" = cifar10 ] && zca="--zca"
   [ "$ipc" = 1 ] && batch=32
   if [ "$m" = mtt ]; then
     extra="--lr-img 100"; [ "$d" = cifar10 ] && extra="--lr-img 1000"
+  elif [ "$m" = speed-tk ]; then
+    method=speed; extra="--topk-from $((ITERS / 2)) $SPEED_EXTRA"
   else
     extra="$SPEED_EXTRA"
   fi
   local set="$OUT/$d/${m}_ipc$ipc"
   # shellcheck disable=SC2046,SC2086
-  "$PY" distill.py $(data_args "$d") $zca --method "$m" --ipc "$ipc" --model "$NET" --buffer-path "$OUT/buffers" \
+  "$PY" distill.py $(data_args "$d") $zca --method "$method" --ipc "$ipc" --model "$NET" --buffer-path "$OUT/buffers" \
     --iterations "$ITERS" --syn-steps 15 --max-start-epoch 10 --batch-syn "$batch" --lr-lr 1e-7 $extra \
     --seed 0 --ckpt-every 25 --out "$set" --quiet
   # shellcheck disable=SC2046
-  "$PY" validate.py --syn "$set" $(data_args "$d") --preset "$m" --model "$NET" --epochs 300 --runs 3 --seed 0 \
+  "$PY" validate.py --syn "$set" $(data_args "$d") --preset "$method" --model "$NET" --epochs 300 --runs 3 --seed 0 \
     --baseline random --test-per-class 200 --quiet
 }
 
@@ -63,8 +67,9 @@ case "${1:-all}" in
   one) shift; one "$@" ;;
   all)
     buffers
-    printf '%s\n' "fmnist speed 1" "cifar10 speed 1" "fmnist mtt 1" "cifar10 mtt 1" "fmnist speed 10" \
-      "cifar10 speed 10" "fmnist mtt 10" "cifar10 mtt 10" |
+    printf '%s\n' "fmnist speed-tk 1" "cifar10 speed-tk 1" "fmnist speed 1" "cifar10 speed 1" "fmnist mtt 1" \
+      "cifar10 mtt 1" "fmnist speed-tk 10" "cifar10 speed-tk 10" "fmnist speed 10" "cifar10 speed 10" \
+      "fmnist mtt 10" "cifar10 mtt 10" |
       xargs -P "$JOBS" -L 1 bash "$0" one
     ;;
   *) echo "usage: $0 [all|buffers|one DATASET METHOD IPC]" >&2; exit 2 ;;
