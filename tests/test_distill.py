@@ -358,3 +358,23 @@ def test_proximal_l1_soft_thresholds_the_codes():
     params.after_step()
     vals = params.scm.detach().flatten()[:4]
     assert torch.allclose(vals, torch.tensor([0.0, 0.0, 0.2, -0.2]))
+
+
+def test_masked_topk_trains_only_the_kept_codes_and_topk_from_switches():
+    from utils.speed import masked_topk, topk_prune
+    torch.manual_seed(0)
+    a = torch.randn(2, 2, 3, 4, requires_grad=True)
+    out = masked_topk(a, 5)
+    assert torch.equal(out.detach(), topk_prune(a.detach(), 5))
+    out.sum().backward()
+    assert torch.equal(a.grad, (out.detach() != 0).float())      # gradient 1 on kept codes, 0 elsewhere
+    cfg, spec, params, *_ = _fixed_problem("speed")
+    params.cfg = replace(cfg, topk_from=3)
+    idx = torch.arange(4)
+    params.iteration = 2
+    dense = params.decode(idx)
+    params.iteration = 3
+    pruned = params.decode(idx)
+    with torch.no_grad():
+        expect = params.freenet(params.saet, topk_prune(params.scm[idx], cfg.top_k))
+    assert torch.allclose(pruned, expect) and not torch.allclose(dense, pruned)
