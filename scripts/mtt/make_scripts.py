@@ -12,7 +12,6 @@ what distill.py runs. Edit the tables below, never the generated scripts.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(ROOT))
 from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
+from gpu_estimates import UNROLL_LIMIT_GB, eval_hours, hours, image_work, size, unroll_gb  # noqa: E402
 
 import distill  # noqa: E402  (the repository root)
 from utils.datasets import get_dataset_spec  # noqa: E402
@@ -58,36 +58,6 @@ assert {(DATASETS[k][2], ipc) for k, ipc in ROWS} == set(distill.MTT_PRESETS), "
 # 20,000 x 60 x 128 32-px image-steps (SPEED's CIFAR-10 IPC 10 unroll), at least 5 ms per student step, and of
 # 2-4 GPU-hours for 100 CIFAR experts of 50 epochs.
 MB_PER_IMAGE_STEP = 2.3
-UNROLL_LIMIT_GB = 60    # above this estimate the script passes --checkpoint-unroll
-
-
-def map_area(res: int) -> int:
-    depth = int(round(math.log2(res / 4)))
-    return sum((res >> i) ** 2 for i in range(depth))
-
-
-def image_work(res: int) -> float:
-    return map_area(res) / map_area(32)
-
-
-def unroll_gb(res: int, images_per_iteration: int) -> float:
-    return images_per_iteration * MB_PER_IMAGE_STEP * image_work(res) / 1000
-
-
-def hours(lo: float, hi: float) -> str:
-    def f(x: float) -> str:
-        return f"{x:.2g}" if x < 10 else f"{x:.0f}"
-    return f"~{f(lo)} GPU-hours" if f(lo) == f(hi) else f"{f(lo)}-{f(hi)} GPU-hours"
-
-
-def size(gb: float) -> str:
-    return f"{gb * 1000:.2g} MB" if gb < 0.1 else f"{gb:.2g} GB"
-
-
-def eval_hours(n_images: int, baseline_images: int, res: int, runs: int = 5) -> float:
-    """RUNS x 1001 epochs over the set and over the random baseline, at ~23k 32-px images/s, >= 5 ms a step."""
-    steps = runs * 1001 * (math.ceil(n_images / 256) + math.ceil(baseline_images / 256))
-    return max(runs * 1001 * (n_images + baseline_images) * image_work(res) / 23000, steps * 0.005) / 3600
 
 
 # ---------------------------------------------------------------------------------------------- header
@@ -114,7 +84,7 @@ def header(key: str, ipc: int, row: str) -> list[str]:
     spec, cfg, zca = row_config(key, ipc)
     n = spec.num_classes * ipc
     batch = cfg.batch_syn or n
-    gb = unroll_gb(spec.resolution, cfg.syn_steps * batch)
+    gb = unroll_gb(spec.resolution, cfg.syn_steps * batch, MB_PER_IMAGE_STEP)
     ck = ckpt_gb(cfg, spec)
     folder = expert_dir("$BUFFERS", spec.name, cfg.model, zca)
     space = "ZCA (eps 0.1, fitted on the train split)" if zca else "per-channel normalisation, no ZCA"
@@ -186,9 +156,8 @@ def script(key: str, ipc: int) -> tuple[str, str]:
     spec, cfg, zca = row_config(key, ipc)
     row = f"{key}_ipc{ipc}"
     z = " --zca" if zca else ""
-    unroll = " --checkpoint-unroll" if unroll_gb(spec.resolution, cfg.syn_steps * (cfg.batch_syn or
-                                                                                    spec.num_classes * ipc)) \
-        > UNROLL_LIMIT_GB else ""
+    gb = unroll_gb(spec.resolution, cfg.syn_steps * (cfg.batch_syn or spec.num_classes * ipc), MB_PER_IMAGE_STEP)
+    unroll = " --checkpoint-unroll" if gb > UNROLL_LIMIT_GB else ""
     out = ["#!/usr/bin/env bash", *comment(header(key, ipc, row)),
            "set -euo pipefail",
            'cd "$(dirname "$0")/../.."',

@@ -13,7 +13,6 @@ touched.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(ROOT))
 from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
+from gpu_estimates import UNROLL_LIMIT_GB, eval_hours, hours, image_work, size, unroll_gb  # noqa: E402
 
 import distill  # noqa: E402  (the repository root)
 from utils.datasets import get_dataset_spec  # noqa: E402
@@ -74,42 +74,12 @@ MISSING = {("tiny", 50)}  # in the README table, but no configuration was publis
 # 5-10 GPU-hours for the CIFAR-10 IPC 10 row (20,000 x 60 x 128 decoded 32-px images) scaled by that work, at
 # least 5 ms per student step, and of 2-4 GPU-hours for 100 CIFAR experts of 50 epochs.
 MB_PER_IMAGE_STEP = 3.2
-UNROLL_LIMIT_GB = 60    # above this estimate the script passes --checkpoint-unroll
-
-
-def map_area(res: int) -> int:
-    depth = int(round(math.log2(res / 4)))
-    return sum((res >> i) ** 2 for i in range(depth))
-
-
-def image_work(res: int) -> float:
-    return map_area(res) / map_area(32)
-
-
-def unroll_gb(res: int, images_per_iteration: int) -> float:
-    return images_per_iteration * MB_PER_IMAGE_STEP * image_work(res) / 1000
-
-
-def hours(lo: float, hi: float) -> str:
-    def f(x: float) -> str:
-        return f"{x:.2g}" if x < 10 else f"{x:.0f}"
-    return f"~{f(lo)} GPU-hours" if f(lo) == f(hi) else f"{f(lo)}-{f(hi)} GPU-hours"
-
-
-def size(gb: float) -> str:
-    return f"{gb * 1000:.2g} MB" if gb < 0.1 else f"{gb:.2g} GB"
 
 
 def expert_hours(spec, experts: int = 100, epochs: int = 50) -> tuple[float, float]:
     train_images = {"CIFAR10": 50000, "CIFAR100": 50000, "TinyImageNet": 100000}.get(spec.name, 13000)
     w = experts * epochs * train_images * image_work(spec.resolution) / (100 * 50 * 50000)
     return 2 * w, 4 * w
-
-
-def eval_hours(n_images: int, baseline_images: int, res: int, runs: int = 5) -> float:
-    """RUNS x 1001 epochs over the set and over the random baseline, at ~23k 32-px images/s, >= 5 ms a step."""
-    steps = runs * 1001 * (math.ceil(n_images / 256) + math.ceil(baseline_images / 256))
-    return max(runs * 1001 * (n_images + baseline_images) * image_work(res) / 23000, steps * 0.005) / 3600
 
 
 # ---------------------------------------------------------------------------------------------- header
@@ -181,7 +151,7 @@ def header(key: str, ipc: int, row: str) -> list[str]:
         return lines + missing_header(key, ipc, row, spec)
     spec, cfg = row_config(key, ipc)
     n = spec.num_classes * cfg.n_per_class
-    gb = unroll_gb(spec.resolution, cfg.syn_steps * cfg.batch_syn)
+    gb = unroll_gb(spec.resolution, cfg.syn_steps * cfg.batch_syn, MB_PER_IMAGE_STEP)
     ck = ckpt_gb(cfg, spec)
     lines += experts_lines(key, spec, cfg.model, zca, cfg.max_start_epoch + cfg.expert_epochs)
     lines += [
@@ -330,8 +300,8 @@ def script(key: str, ipc: int) -> tuple[str, str]:
         return row, "\n".join(out + missing_body(key, ipc, row))
     spec, cfg = row_config(key, ipc)
     z = " --zca" if zca else ""
-    unroll = " --checkpoint-unroll" if unroll_gb(spec.resolution, cfg.syn_steps * cfg.batch_syn) > UNROLL_LIMIT_GB \
-        else ""
+    gb = unroll_gb(spec.resolution, cfg.syn_steps * cfg.batch_syn, MB_PER_IMAGE_STEP)
+    unroll = " --checkpoint-unroll" if gb > UNROLL_LIMIT_GB else ""
     out += [
         *variables(key, row, ckpt_every(ckpt_gb(cfg, spec))),
         "",
