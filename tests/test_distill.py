@@ -378,3 +378,26 @@ def test_masked_topk_trains_only_the_kept_codes_and_topk_from_switches():
     with torch.no_grad():
         expect = params.freenet(params.saet, topk_prune(params.scm[idx], cfg.top_k))
     assert torch.allclose(pruned, expect) and not torch.allclose(dense, pruned)
+
+
+def test_bench_naive_unroll_computes_the_same_loss_and_gradients():
+    """bench/distill_speed.py compares against a faithful naive unroll: same numbers, different structure."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(distill.__file__).resolve().parent / "bench" / "distill_speed.py"
+    spec_ = importlib.util.spec_from_file_location("distill_speed", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    cfg, spec, params, student, start, target = _fixed_problem("speed")
+    net = get_network("ConvNet-1-w8", 3, 10, 8)
+    n = distill.num_images(cfg, spec)
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    u, used = plan_unroll(student, start, target, labels, n, cfg, DSA(), torch.Generator().manual_seed(2), (8, 8),
+                          "cpu")
+    alpha = torch.tensor(0.05, requires_grad=True)
+    ours = unrolled_loss(u, params.decode(used), alpha)
+    g_ours = torch.autograd.grad(ours, [params.scm, params.saet, alpha])
+    naive = bench.naive_loss(net, params, u, [used[b] for b in u.batches], alpha, "speed")
+    g_naive = torch.autograd.grad(naive, [params.scm, params.saet, alpha])
+    assert torch.allclose(ours, naive, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-8) for a, b in zip(g_ours, g_naive))
