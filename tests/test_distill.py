@@ -401,3 +401,15 @@ def test_bench_naive_unroll_computes_the_same_loss_and_gradients():
     g_naive = torch.autograd.grad(naive, [params.scm, params.saet, alpha])
     assert torch.allclose(ours, naive, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-8) for a, b in zip(g_ours, g_naive))
+
+
+def test_amp_unroll_runs_and_stays_close():
+    """--amp (bf16 autocast of the student; GPU only in the CLI) exercised on CPU: same loss to bf16 precision."""
+    u, used = tiny_unroll(steps=2, dsa=False)
+    x = torch.randn(len(used), 3, 8, 8, requires_grad=True)
+    a = torch.tensor(0.05)
+    full = unrolled_loss(u, x, a)
+    half = unrolled_loss(replace(u, amp=True), x, a)
+    half.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert abs(full.item() - half.item()) < 0.05 * full.item()
