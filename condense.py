@@ -18,12 +18,10 @@ resumes from the checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +34,7 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
+from utils.checkpoint import load_state, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device
@@ -644,27 +643,22 @@ def save_outputs(out: Path, syn: SyntheticSet, cfg: CondenseConfig) -> None:
     atomic_torch_save([syn.tensors["images"], syn.labels], out / "data.pt")
 
 
+CKPT_FORMAT = "ddtoolkit-condense-ckpt-1"
+
+
 def checkpoint_dict(state: RunState, fingerprint: str) -> dict:
-    d = {f.name: getattr(state, f.name) for f in fields(state)}
+    d = state_dict(state, CKPT_FORMAT, fingerprint)
     d["S"], d["buf"] = state.S.detach().cpu(), state.buf.detach().cpu()
     d["py_rng"] = list(state.py_rng) if state.py_rng is not None else None
-    d["fingerprint"] = fingerprint
-    d["format"] = "ddtoolkit-condense-ckpt-1"
     return d
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> RunState:
-    d = safe_torch_load(path, "condense checkpoint")
-    if not isinstance(d, dict) or d.get("format") != "ddtoolkit-condense-ckpt-1":
-        raise UserError(f"{path} is not a condense.py checkpoint")
-    if d.get("fingerprint") != fingerprint:
-        raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
-                        "another --out")
-    return RunState(**{f.name: d[f.name] for f in fields(RunState)})
+    return load_state(path, RunState, CKPT_FORMAT, fingerprint, "condense.py")
 
 
 def config_fingerprint(cfg: CondenseConfig) -> str:
-    return hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return settings_fingerprint(asdict(cfg))
 
 
 # ------------------------------------------------------------------------------------- pretraining

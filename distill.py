@@ -21,11 +21,10 @@ resume checkpoint `ckpt.pt`, `log.csv`, `config.json`, the decoded images in MTT
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +37,7 @@ from networks.functional import FlatNet
 from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
+from utils.checkpoint import load_state, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.synset import SyntheticSet, make_meta, save_synset
@@ -630,25 +630,17 @@ CKPT_FORMAT = "ddtoolkit-distill-ckpt-1"
 
 
 def checkpoint_dict(state: RunState, fingerprint: str) -> dict:
-    d = {f.name: getattr(state, f.name) for f in fields(state)}
-    d.update(fingerprint=fingerprint, format=CKPT_FORMAT)
-    return d
+    return state_dict(state, CKPT_FORMAT, fingerprint)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> RunState:
-    d = safe_torch_load(path, "distill checkpoint")
-    if not isinstance(d, dict) or d.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} is not a distill.py checkpoint")
-    if d.get("fingerprint") != fingerprint:
-        raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
-                        "another --out")
-    return RunState(**{f.name: d[f.name] for f in fields(RunState)})
+    return load_state(path, RunState, CKPT_FORMAT, fingerprint, "distill.py")
 
 
 def config_fingerprint(cfg: DistillConfig, extra: dict) -> str:
     # more iterations may continue a run; checkpointing the unroll changes memory, not the gradients
     keyed = {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "checkpoint_unroll")}
-    return hashlib.sha1(json.dumps({**keyed, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return settings_fingerprint({**keyed, **extra})
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -1,0 +1,45 @@
+"""Resume checkpoints of the stage scripts: a plain dict of a dataclass's fields, tagged with a format name and a
+fingerprint of the settings, written atomically and read back with weights_only=True.
+
+A stage keeps its own state dataclass (what it needs to continue) and calls `save_state` every --ckpt-every
+iterations; `load_state` refuses a file of another stage or of other settings with one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from utils.errors import UserError
+from utils.io import atomic_torch_save, safe_torch_load
+
+T = TypeVar("T")
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """A short stable hash of the settings that decide a run's result (JSON with sorted keys)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def state_dict(state: Any, fmt: str, fingerprint: str) -> dict:
+    """The checkpoint dict of a dataclass instance: its fields plus `format` and `fingerprint`."""
+    d = {f.name: getattr(state, f.name) for f in fields(state)}
+    d.update(format=fmt, fingerprint=fingerprint)
+    return d
+
+
+def save_state(state: Any, path: str | Path, fmt: str, fingerprint: str) -> None:
+    atomic_torch_save(state_dict(state, fmt, fingerprint), path)
+
+
+def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage: str) -> T:
+    """Read a checkpoint written by `save_state` for `cls`; one-line errors for another stage or other settings."""
+    d = safe_torch_load(path, f"{stage} checkpoint")
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise UserError(f"{path} is not a {stage} checkpoint")
+    if d.get("fingerprint") != fingerprint:
+        raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
+                        "another --out")
+    return cls(**{f.name: d[f.name] for f in fields(cls)})
