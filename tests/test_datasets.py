@@ -1,6 +1,5 @@
 """Each dataset reader on tiny files written in the real on-disk formats."""
 import gzip
-import io
 import pickle
 import struct
 import tarfile

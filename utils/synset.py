@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec, normalize
+from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec
 from utils.errors import UserError
-from utils.io import atomic_torch_save, safe_torch_load
+from utils.io import safe_torch_load
 
 FORMAT = "ddtoolkit-synset"
 VERSION = 1
