@@ -34,7 +34,7 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
-from utils.checkpoint import load_state, settings_fingerprint, state_dict
+from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device
@@ -829,15 +829,10 @@ def main(
         raise UserError("--ckpt-every must be at least 1")
     fingerprint = config_fingerprint(cfg)
     ckpt_path = out / "ckpt.pt"
-    state = None
-    if ckpt_path.exists() and not overwrite:
-        state = load_checkpoint(ckpt_path, fingerprint)
+    state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
+    if state is not None:
         log.info(f"resuming from {ckpt_path} at outer iteration {state.it}/{cfg.outer_iterations}")
-    elif (out / "synset.pt").exists() and not overwrite:
-        raise UserError(f"{out} already holds a finished set; pass --overwrite or choose another --out")
     elif overwrite:
-        for f in ("ckpt.pt", "log.csv"):
-            (out / f).unlink(missing_ok=True)
         log = RunLog(out / "log.csv", quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json({**asdict(cfg), "lr_img_effective": effective_lr_img(cfg.lr_img, ipc, spec),

@@ -37,9 +37,11 @@ from networks.functional import FlatNet
 from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
-from utils.checkpoint import load_state, settings_fingerprint, state_dict
+from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
+                         speed_preset, speed_tensors, storage_floats, straight_through_topk)
 from utils.synset import SyntheticSet, make_meta, save_synset
 from utils.train import standardize_batch
 from utils.trajectory import ExpertStream, buffer_files, expert_dir, flatten_snapshot
@@ -145,7 +147,6 @@ def preset_values(method: str, spec: DatasetSpec, ipc: int) -> dict:
     if method == "mtt":
         row = MTT_PRESETS.get((spec.name, ipc), {})
         return {**MTT_COMMON, **row}
-    from utils.speed import speed_preset
     cfg = speed_preset(spec.name, ipc)
     return dict(model=cfg.model, n_per_class=cfg.n_per_class, num_saet=cfg.num_saet, dim=cfg.dim, depth=cfg.depth,
                 heads=cfg.heads, patch=cfg.patch, top_k=cfg.top_k, l1_weight=cfg.l1_weight,
@@ -177,7 +178,6 @@ def resolve_config(method: str, spec: DatasetSpec, ipc: int, explicit: dict) -> 
         values["model"] = default_model(spec.resolution)
     cfg = DistillConfig(**values)
     if method == "speed":
-        from utils.speed import derive_config
         reshaped = any(explicit.get(k) is not None for k in SPEED_SHAPE_FIELDS)
         if explicit.get("n_per_class") is None and reshaped:
             d = derive_config(spec.name, ipc, spec.num_classes, spec.channels, spec.resolution, patch=cfg.patch,
@@ -205,7 +205,6 @@ def check_config(cfg: DistillConfig, spec: DatasetSpec) -> None:
     if cfg.method == "mtt" and cfg.pix_init not in ("real", "noise"):
         raise UserError(f"unknown --pix-init '{cfg.pix_init}' (real, noise)")
     if cfg.method == "speed":
-        from utils.speed import check_budget
         scfg = speed_config(cfg, spec)
         if spec.resolution % cfg.patch:
             raise UserError(f"--patch {cfg.patch} does not divide the resolution {spec.resolution}")
@@ -221,7 +220,6 @@ def check_config(cfg: DistillConfig, spec: DatasetSpec) -> None:
 
 def speed_config(cfg: DistillConfig, spec: DatasetSpec):
     """The SPEED shape of this run as utils.speed.SpeedConfig (budget accounting, decoder arguments)."""
-    from utils.speed import SpeedConfig
     return SpeedConfig(dataset=spec.name, ipc=cfg.ipc, model=cfg.model, resolution=spec.resolution, patch=cfg.patch,
                        n_per_class=cfg.n_per_class, num_saet=cfg.num_saet, top_k=cfg.top_k,
                        l1_weight=cfg.l1_weight, batch_syn=cfg.batch_syn or 0, syn_steps=cfg.syn_steps,
@@ -280,7 +278,6 @@ class SpeedCode:
     decoder = "speed"
 
     def __init__(self, cfg: DistillConfig, spec: DatasetSpec, device, gen: torch.Generator):
-        from utils.speed import FReeNet
         self.cfg = cfg
         n = num_images(cfg, spec)
         L = (spec.resolution // cfg.patch) ** 2
@@ -307,10 +304,8 @@ class SpeedCode:
         if self.cfg.topk_from is not None and self.iteration >= self.cfg.topk_from:
             mode = "topk"
         if mode == "topk-ste":
-            from utils.speed import straight_through_topk
             codes = straight_through_topk(codes, self.cfg.top_k)
         elif mode == "topk":
-            from utils.speed import masked_topk
             codes = masked_topk(codes, self.cfg.top_k)
         return self.freenet(self.saet, codes)
 
@@ -341,7 +336,6 @@ class SpeedCode:
     @torch.no_grad()
     def final(self) -> tuple[dict, dict, torch.Tensor]:
         """Top-k-pruned, compactly stored set (§5.1, §3.4) and the images decoded from exactly what is stored."""
-        from utils.speed import speed_tensors
         tensors = speed_tensors(self.saet, self.scm, self.freenet, self.cfg.top_k)
         return tensors, {}, None
 
@@ -609,7 +603,6 @@ def build_synset(cfg: DistillConfig, spec: DatasetSpec, params, alpha: torch.Ten
     n = num_images(cfg, spec)
     labels = torch.arange(spec.num_classes).repeat_interleave(n // spec.num_classes)
     if cfg.method == "speed":
-        from utils.speed import speed_decoder_args
         dargs = speed_decoder_args(speed_config(cfg, spec), spec.channels)
     meta = make_meta(spec, space=space, ipc=cfg.ipc, method=cfg.method, decoder=params.decoder, decoder_args=dargs,
                      args=asdict(cfg), seed=cfg.seed, zca_eps=0.1 if space == "zca" else None)
@@ -782,23 +775,15 @@ def main(
     out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
     fingerprint = config_fingerprint(cfg, {"experts": str(folder.resolve()), "space": space})
     ckpt_path = out / "ckpt.pt"
-    state = None
+    state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
     log = RunLog(out / "log.csv", quiet=quiet, resume=not overwrite)
-    if ckpt_path.exists() and not overwrite:
-        state = load_checkpoint(ckpt_path, fingerprint)
+    if state is not None:   # rows logged after the checkpoint belong to iterations that run again
         log.info(f"resuming from {ckpt_path} at iteration {state.it}/{cfg.iterations}")
         log.rows = [r for r in log.rows if int(r.get("it", 0)) < state.it]
-    elif (out / "synset.pt").exists() and not overwrite:
-        raise UserError(f"{out} already holds a finished set; pass --overwrite or choose another --out")
-    elif overwrite:
-        for f in ("ckpt.pt", "log.csv"):
-            (out / f).unlink(missing_ok=True)
-        log = RunLog(out / "log.csv", quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**asdict(cfg), "experts": str(folder), "space": space, "fingerprint": fingerprint,
                 "num_images": num_images(cfg, spec)}
     if cfg.method == "speed":
-        from utils.speed import budget_floats, storage_floats
         scfg = speed_config(cfg, spec)
         resolved.update(budget_floats=budget_floats(spec.num_classes, ipc, spec.channels, spec.resolution),
                         storage_floats=storage_floats(scfg, spec.num_classes, spec.channels))

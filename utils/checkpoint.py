@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
@@ -43,3 +43,20 @@ def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         "another --out")
     return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def resume_or_start(out: str | Path, load: Callable[[Path], T], overwrite: bool,
+                    run_files: tuple[str, ...] = ("ckpt.pt", "log.csv")) -> T | None:
+    """The run-folder protocol of the stages that write a set into their output folder: a checkpoint there is
+    resumed (`load` checks it belongs to these settings); a finished set without one is refused; `overwrite`
+    deletes the run's own files (`run_files`) and starts afresh. Returns the loaded state, or None for a fresh run."""
+    out = Path(out)
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists() and not overwrite:
+        return load(ckpt)
+    if (out / "synset.pt").exists() and not overwrite:
+        raise UserError(f"{out} already holds a finished set; pass --overwrite or choose another --out")
+    if overwrite:
+        for name in run_files:
+            (out / name).unlink(missing_ok=True)
+    return None
