@@ -31,3 +31,12 @@ def write_or_check(scripts: dict[str, str], folder: Path, check: bool, generator
         (folder / name).chmod(0o755)
     print(f"wrote {len(scripts)} scripts to {folder}")
     return 0
+
+
+def generate(rows, script, folder: Path, argv: list[str]) -> int:
+    """A generator's main: `script(*row) -> (name, text)` for every row, then write (or with --check, compare)."""
+    scripts = {}
+    for row in rows:
+        name, text = script(*row)
+        scripts[f"{name}.sh"] = text
+    return write_or_check(scripts, folder, "--check" in argv, f"scripts/{folder.name}/make_scripts.py")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
+from generated import comment, generate  # noqa: E402  (scripts/generated.py)
 FACTOR = 2
 
 # key: (condense.py dataset arguments, readable name, classes, IDC reproduce settings (idc_dream.md §3))
@@ -119,11 +119,7 @@ def script(key: str, ipc: int) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    scripts = {}
-    for key, ipc in ROWS:
-        row, text = script(key, ipc)
-        scripts[f"{row}.sh"] = text
-    return write_or_check(scripts, HERE, "--check" in argv, "scripts/dream/make_scripts.py")
+    return generate(ROWS, script, HERE, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
+from generated import comment, generate  # noqa: E402  (scripts/generated.py)
 
 # key: (condense.py dataset arguments, readable name, classes, resolution, default DATA, evaluation network)
 DATASETS = {
@@ -202,11 +202,7 @@ def script(key: str, f: int, ipc: int) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    scripts = {}
-    for key, f, ipc in ROWS:
-        row, text = script(key, f, ipc)
-        scripts[f"{row}.sh"] = text
-    return write_or_check(scripts, HERE, "--check" in argv, "scripts/idc/make_scripts.py")
+    return generate(ROWS, script, HERE, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(ROOT))
-from generated import comment, write_or_check  # noqa: E402  (scripts/generated.py)
+from generated import comment, generate  # noqa: E402  (scripts/generated.py)
 from gpu_estimates import UNROLL_LIMIT_GB, eval_hours, hours, image_work, size, unroll_gb  # noqa: E402
 
 import distill  # noqa: E402  (the repository root)
@@ -322,11 +322,7 @@ def script(key: str, ipc: int) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    scripts = {}
-    for key, ipc in ROWS:
-        row, text = script(key, ipc)
-        scripts[f"{row}.sh"] = text
-    return write_or_check(scripts, HERE, "--check" in argv, "scripts/speed/make_scripts.py")
+    return generate(ROWS, script, HERE, argv)
 
 
 if __name__ == "__main__":
