@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -240,6 +240,10 @@ def load_synset(path: str | Path, dataset: str | None = None, space: str | None 
     p = Path(path)
     if not p.exists():
         raise UserError(f"synthetic set not found: {p}")
+    if (p / "meta.json").is_file() and not (p / "synset.pt").is_file():
+        meta = _read_meta(p)
+        if meta.get("layout") == "imagefolder":  # recover.py / rank_select.py output: images + a manifest
+            return _from_recorded_imagefolder(p, meta, dataset)
     if (p / "synset.pt").is_file() or (p / "meta.json").is_file():
         return _load_native(p)
     if dataset is None:
@@ -270,13 +274,36 @@ def _load_native(p: Path) -> SyntheticSet:
     payload = safe_torch_load(p / "synset.pt", "synthetic set")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{p / 'synset.pt'} is not a ddtoolkit synthetic set")
+    meta = _read_meta(p)
+    zca_state = safe_torch_load(p / "zca.pt", "ZCA state") if meta.get("space") == "zca" else None
+    return SyntheticSet(payload["tensors"], payload["labels"], meta, payload.get("lr"),
+                        payload.get("soft_labels"), zca_state)
+
+
+def _read_meta(p: Path) -> dict:
     try:
         meta = json.loads((p / "meta.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p / 'meta.json'} is corrupt: {e}") from None
-    zca_state = safe_torch_load(p / "zca.pt", "ZCA state") if meta.get("space") == "zca" else None
-    return SyntheticSet(payload["tensors"], payload["labels"], meta, payload.get("lr"),
-                        payload.get("soft_labels"), zca_state)
+    if not isinstance(meta, dict):
+        raise UserError(f"{p / 'meta.json'} is not a JSON object")
+    return meta
+
+
+def _from_recorded_imagefolder(p: Path, meta: dict, dataset: str | None) -> SyntheticSet:
+    """An ImageFolder whose meta.json (layout "imagefolder") names its dataset, classes and the teacher's
+    normalisation: the images are read in pixel space and the recorded meta is kept (decoupled.md §1.6)."""
+    name = meta.get("dataset")
+    if dataset is not None and name is not None and get_dataset_spec(dataset).name != get_dataset_spec(name).name:
+        raise UserError(f"{p} was made for {name}, not {dataset}")
+    spec = get_dataset_spec(dataset or name or "ImageFolder")
+    if meta.get("resolution") and meta.get("num_classes"):
+        spec = replace(spec, resolution=int(meta["resolution"]), num_classes=int(meta["num_classes"]))
+    syn = _from_imagefolder(p, spec)
+    counts = torch.bincount(syn.labels, minlength=syn.num_classes)
+    recorded = {**syn.meta, **meta, "space": "pixel", "decoder": "pixels", "decoder_args": {},
+                "ipc": int(counts.max()), "ipc_min": int(counts.min())}
+    return SyntheticSet(syn.tensors, syn.labels, recorded)
 
 
 def _legacy_meta(spec: DatasetSpec, labels: torch.Tensor, space: str, method: str, images: torch.Tensor,
@@ -336,7 +363,7 @@ def _from_idc(obj, spec: DatasetSpec, source: Path, factor: int | None) -> Synth
 
 def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
     """SRe2L/DWA/DELT output: one folder per class in label order (new000, new001, ...)."""
-    classes = sorted(c for c in d.iterdir() if c.is_dir())
+    classes = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))  # .units/, temp dirs
     if spec.num_classes and len(classes) != spec.num_classes:
         raise UserError(f"{d} has {len(classes)} class folders but {spec.name} has {spec.num_classes} classes")
     res = spec.resolution
