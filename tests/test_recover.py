@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 import recover as R
 from networks.registry import get_network
-from utils.errors import UserError
 from utils.synset import load_synset
 from utils.teacher import load_teacher, save_teacher
 
