@@ -44,7 +44,7 @@ import torchvision.transforms.functional as TF
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from utils.datasets import FileSplit, Split, _iter_file_bytes, read_split
+from utils.datasets import FileSplit, Split, iter_file_bytes, read_split
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from utils.misc import RunLog, cli_errors, progress, resolve_device
@@ -95,7 +95,7 @@ class TrainImages:
                 yield p, self.raw.images[self.raw_index[p]]
             return
         back = {self.raw_index[p]: p for p in positions}
-        for i, data, _name in _iter_file_bytes(self.raw, list(back)):
+        for i, data, _name in iter_file_bytes(self.raw, list(back)):
             yield back[i], data
 
     def open_image(self, p: int, data: bytes | Path | torch.Tensor) -> Image.Image:

@@ -46,7 +46,7 @@ from torch import nn
 from utils.datasets import IMAGE_SUFFIXES
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
-from utils.io import _atomic_write, atomic_write_json, safe_torch_load
+from utils.io import atomic_write_bytes, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.synset import save_grid
 from utils.teacher import Teacher, load_teacher
@@ -696,7 +696,7 @@ def write_unit(out: Path, unit: Unit, images: torch.Tensor, cfg: RecoverConfig, 
     u8 = to_uint8(images, teacher, cfg.rounding)
     for img, c, k in zip(u8, unit.classes, unit.indices):
         data = encode_image(img, cfg.image_format, cfg.jpeg_quality)
-        _atomic_write(image_path(out, c, k, cfg.image_format), lambda tmp, d=data: tmp.write_bytes(d))
+        atomic_write_bytes(data, image_path(out, c, k, cfg.image_format))
     atomic_write_json({"key": unit.key, "classes": list(unit.classes), "indices": list(unit.indices),
                        "iterations_per_image": unit_iterations(unit), **info},
                       out / ".units" / f"{unit.key}.json")

@@ -11,6 +11,20 @@ Finished runs are recorded one CSV row each, so the same command after an interr
 `--preset idc` (or `dream`) sets the recipe of IDC/DREAM's test.py (idc_dream.md §5, `idc_protocol`); `--preset speed`
 (or `mtt`) that of MTT/SPEED's evaluate_synset (speed.md §5.2, `trajectory_protocol`). Flags given explicitly on
 the command line still win over the preset's values.
+
+`--teacher PATH` (or `--soft-labels DIR`) switches to the knowledge-distillation protocol of SRe2L / DWA / DELT
+(decoupled.md §6, §10; `utils.kd`): the student (by default a fresh copy of the teacher's architecture) learns
+KL(softmax(teacher/T) ‖ softmax(student/T)) on every augmented, mixed view, in the teacher's normalisation. KD presets
+(`--preset sre2l-cifar|sre2l-tiny|sre2l-in1k|dwa-cifar|dwa-tiny|dwa-in1k|delt`, table KD_PRESETS) set the references'
+recipes; `--baseline random` is then a random real subset of the same IPC trained with the same teacher, recipe and
+seeds, `--hard-labels` adds the same student trained with cross-entropy, and results.json records the teacher's
+intra-class feature diversity of each set (`diversity_cosine`). Accuracy is again measured once after the last epoch
+(`reported: last`), where the references report the best of their periodic evaluations (§6.6, §9.1 item 18).
+Under torchrun the KD student trains with DDP: every rank draws the same views and keeps rows rank::world of each
+batch; test counts are summed over ranks and only rank 0 writes.
+
+    torchrun --nproc_per_node 4 validate.py --syn recover_out --dataset CIFAR100 --teacher squeeze/teacher.pt \
+        --preset dwa-cifar --baseline random --runs 3
 """
 from __future__ import annotations
 
@@ -33,9 +47,13 @@ from utils.datasets import (IMAGENET_SUBSETS, DatasetSpec, FileDataset, dataset_
                             open_split, per_class_indices, take, to_pixels)
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
+from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env_info, init_distributed
 from utils.io import atomic_write_json
+from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
+                      train_network_kd)
 from utils.misc import RunLog, cli_errors, resolve_device
 from utils.synset import SyntheticSet, check_compatible, load_synset
+from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
 from utils.train import TrainRecipe, evaluate, train_network
 
 def default_model(resolution: int) -> str:
@@ -249,6 +267,303 @@ def _random_subset(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) 
     return per_class_indices(labels, num_classes, ipc, 10_000 + seed)
 
 
+# --------------------------------------------------------------------- KD protocols (decoupled.md §6, §10)
+# `--teacher` (or `--soft-labels`) switches validation to the SRe2L / DWA / DELT protocol: a fresh student learns
+# from the teacher's soft labels on every augmented, mixed view (utils.kd.train_network_kd). Students and teacher
+# see inputs in the TEACHER's normalisation; every set is first mapped to pixel space [0, 1].
+
+# The KD recipe when neither a flag nor a KD preset sets a value: SRe2L/DWA ImageNet train_KD (§6.2, §6.4) with
+# DWA's batch 128.
+KD_DEFAULTS = dict(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=0.01, wd_on_norm_and_bias=False,
+                   momentum=0.9, betas=(0.9, 0.999), batch_size=128, schedule="cosine", warmup_epochs=0,
+                   temperature=20.0, t_squared=False, mix="cutmix", mix_alpha=None, mix_p=1.0, crop="rrc",
+                   crop_scale=(0.08, 1.0), flip=True, rand_augment=False, teacher_bn_mode="eval",
+                   eval_transform="none")
+# §6.3 CIFAR (SRe2L relabel_cifar.py) = §6.4 CIFAR (DWA validation_cifar.py): the teacher stays in train mode
+# there (§9.1 item 7, parity default; `--teacher-bn-mode eval` is the clean alternative).
+_CIFAR_KD = dict(epochs=400, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                 wd_on_norm_and_bias=True, schedule="cosine", warmup_epochs=0, crop="random-crop-pad4", flip=True,
+                 mix="mixup", mix_alpha=0.8, mix_p=1.0, temperature=30.0, t_squared=False, teacher_bn_mode="train",
+                 rand_augment=False, eval_transform="none")
+# §6.3 Tiny / §6.4 Tiny: SGD on all parameters, 5-epoch linear warm-up from 0.01 then cosine (T_max = E − 5), ×T².
+_TINY_KD = dict(optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, wd_on_norm_and_bias=True,
+                schedule="warmup-cosine", warmup_epochs=5, temperature=20.0, t_squared=True, crop="rrc",
+                crop_scale=(0.08, 1.0), flip=True, rand_augment=False, teacher_bn_mode="eval",
+                eval_transform="none")
+# §6.2 train_KD / §6.4 ImageNet-1K: AdamW without decay on norm/bias, cosine, CutMix every batch; validation
+# Resize 256 → CenterCrop 224 (= Resize(⌊R/7⌋·8) → CenterCrop(R) at R = 224).
+_IN1K_KD = dict(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=0.01, wd_on_norm_and_bias=False,
+                schedule="cosine", warmup_epochs=0, temperature=20.0, t_squared=False, mix="cutmix", mix_alpha=1.0,
+                mix_p=1.0, crop="rrc", crop_scale=(0.08, 1.0), flip=True, rand_augment=False,
+                teacher_bn_mode="eval", eval_transform="resize-crop")
+KD_PRESETS: dict[str, dict] = {
+    "sre2l-cifar": _CIFAR_KD,
+    "sre2l-tiny": {**_TINY_KD, "epochs": 100, "batch_size": 256, "mix": "none"},
+    "sre2l-in1k": {**_IN1K_KD, "batch_size": 1024},
+    "dwa-cifar": _CIFAR_KD,
+    "dwa-tiny": {**_TINY_KD, "epochs": 200, "batch_size": 64, "mix": "cutmix", "mix_alpha": 1.0, "mix_p": 1.0},
+    "dwa-in1k": {**_IN1K_KD, "batch_size": 128},
+    # §6.5: batch size and lr depend on the IPC, the classes and the student (delt_batch_size, delt_lr)
+    "delt": dict(epochs=300, optimizer="adamw", betas=(0.9, 0.999), weight_decay=0.01, wd_on_norm_and_bias=False,
+                 schedule="half-cosine", warmup_epochs=0, temperature=20.0, t_squared=False, mix="cutmix",
+                 mix_alpha=1.0, mix_p=1.0, crop="rrc", crop_scale=(0.25, 1.0), flip=True, rand_augment=True,
+                 teacher_bn_mode="eval", eval_transform="resize-crop"),
+}
+# DELT's AdamW lr by student (§6.5); every other listed student (ResNet-18/50/101, -modified, conv3-6) uses 1e-3,
+# and so does any student the table lacks (the reference would leave those at lr 0, i.e. untrained).
+DELT_LR = {"VGG-11": 5e-4, "VGG-11-BN": 5e-4, "AlexNet": 1e-4}
+# DELT's automatic batch size (§6.5): the first row whose IPC threshold the set reaches. The reference lists IPC
+# 1, 10/20, 30/40, 50 and 100; IPCs between the listed ones take the row below them [inferred].
+DELT_BATCH = ((30, 100), (10, 50), (1, 10))
+
+
+def delt_batch_size(ipc: int, num_classes: int, dataset: str, student: str) -> int:
+    """DELT's --re-batch-size 0 rule (§6.5): by IPC, ×2 for 100 or 1000 classes, halved for ResNet-101 students on
+    ImageNet-1K/-100, fixed 100 on Tiny-ImageNet, capped at IPC·C (ImageNet-1K: IPC 50 → 200, 10 → 100,
+    1 → 20)."""
+    from networks.registry import canonical_name
+    if dataset == "TinyImageNet":
+        b = 100
+    else:
+        b = next(size for floor, size in DELT_BATCH if ipc >= floor) if ipc >= 1 else 10
+        if num_classes in (100, 1000):
+            b *= 2
+        if canonical_name(student).startswith("ResNet-101") and dataset in ("ImageNet", "ImageNet100"):
+            b //= 2
+    return max(1, min(b, ipc * num_classes))
+
+
+def kd_protocol(preset: str, spec: DatasetSpec, ipc: int | None, student: str, teacher_arch: str | None = None
+                ) -> dict:
+    """The recipe fields a KD preset sets (keys of KD_DEFAULTS); DELT's batch and lr are computed here."""
+    from networks.registry import canonical_name
+    out = dict(KD_PRESETS[preset])
+    if preset == "delt":
+        if not ipc:
+            raise UserError("--preset delt needs the IPC (from the set, or --ipc) for its batch size")
+        out["lr"] = DELT_LR.get(canonical_name(student), 1e-3)
+        out["batch_size"] = delt_batch_size(ipc, spec.num_classes, spec.name, student)
+        conv3 = canonical_name("conv3")
+        if spec.name == "CIFAR100" and canonical_name(student) == conv3 and teacher_arch is not None \
+                and canonical_name(teacher_arch) == conv3:  # the reference's special case
+            out.update(batch_size=25, lr=2e-3)
+    return out
+
+
+def kd_recipe(opt: dict, amp: bool = False) -> KDRecipe:
+    """A KDRecipe from resolved options (KD_DEFAULTS keys; eval_transform is not a training field)."""
+    fields = {k: v for k, v in opt.items() if k != "eval_transform"}
+    return KDRecipe(**{**fields, "betas": tuple(fields["betas"]), "crop_scale": tuple(fields["crop_scale"])},
+                    amp=amp)
+
+
+def first_per_class(labels: torch.Tensor, per_class: int, what: str = "the set") -> torch.Tensor:
+    """Indices of the first `per_class` images of every class, in stored order. For ImageFolder sets that order
+    is the sorted file names, so this is DWA's "first IPC files per class" (§6.4). DELT instead shuffles an
+    unsorted listing (§6.5, §9.1 item 9); we always take the sorted first N, which is repeatable anywhere."""
+    picked = []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < per_class:
+            raise UserError(f"--ipc {per_class}: class {c} of {what} has only {len(idx)} images")
+        picked.append(idx[:per_class])
+    return torch.cat(picked)
+
+
+def is_imagefolder_set(syn: SyntheticSet) -> bool:
+    return syn.meta.get("method") == "imagefolder" or syn.meta.get("layout") == "imagefolder"
+
+
+def first_ipc_of_imagefolder(syn: SyntheticSet, ipc: int) -> SyntheticSet:
+    """An ImageFolder set restricted to its first `ipc` files per class (pixel decoder: a plain subset)."""
+    images, labels = syn.tensors["images"], syn.labels
+    idx = first_per_class(labels, ipc, str(syn.meta.get("source", "the set")))
+    return SyntheticSet({"images": images[idx]}, labels[idx], {**syn.meta, "ipc": ipc}, syn.lr, None,
+                        syn.zca_state)
+
+
+def check_teacher_fits(teacher: Teacher, spec: DatasetSpec, source: str) -> None:
+    """The teacher must label this data: same channels, class count and resolution (and dataset, when both are
+    registry datasets) — else a one-line error before any training."""
+    if teacher.num_classes != spec.num_classes:
+        raise UserError(f"teacher {source} has {teacher.num_classes} classes but the {spec.name} data has "
+                        f"{spec.num_classes}")
+    if teacher.channels != spec.channels:
+        raise UserError(f"teacher {source} takes {teacher.channels}-channel images, the {spec.name} data has "
+                        f"{spec.channels}")
+    if teacher.resolution != spec.resolution:
+        raise UserError(f"teacher {source} takes {teacher.resolution}px images but the data is "
+                        f"{spec.resolution}px; pass --res {teacher.resolution} (and a set of that size)")
+    generic = "ImageFolder"
+    if teacher.dataset not in (generic, spec.name) and spec.name != generic:
+        raise UserError(f"teacher {source} was trained on {teacher.dataset}, not {spec.name}")
+
+
+def stored_teacher_info(manifest: dict) -> dict:
+    """arch / mean / std recorded by the relabel stage, looked up at the top level or under "teacher"."""
+    nested = manifest.get("teacher") if isinstance(manifest.get("teacher"), dict) else {}
+    get = lambda k: manifest.get(k, nested.get(k))  # noqa: E731
+    return {"arch": get("arch") or get("teacher_arch"), "mean": get("mean"), "std": get("std"),
+            "path": get("path")}
+
+
+def set_diversity(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """DELT's intra-class diversity measure (§7.2): the mean over classes of the mean pairwise cosine similarity
+    of the teacher's penultimate features (lower = more diverse)."""
+    feats = teacher_features(teacher, teacher.normalize(_pixels01(images)))
+    per_class = intra_class_cosine(feats, labels)
+    return float(np.mean(list(per_class.values()))) if per_class else float("nan")
+
+
+def _pixels01(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+def train_arm_kd(arm: str, model: str, images: torch.Tensor | None, labels: torch.Tensor | None,
+                 spec: DatasetSpec, recipe: KDRecipe, seeds: list[int], score: Callable[[torch.nn.Module], float],
+                 device: torch.device, log: RunLog, *, prepare: Callable, soft_targets: Callable | None = None,
+                 stored=None, shard: Shard = Shard(), teacher_net: torch.nn.Module | None = None,
+                 pick: Callable[[int], tuple] | None = None) -> dict:
+    """`train_arm` for the KD protocol: one fresh student per seed, scored once after its last epoch. A teacher
+    in train BN mode has its buffers restored after every run, so no run sees another run's drift."""
+    accs = []
+    for seed in seeds:
+        done = log.find(model=model, arm=arm, seed=seed)
+        if done is not None:
+            accs.append(float(done["test_acc"]))
+            log.info(f"  {model} {arm:10s} seed {seed}: test acc {accs[-1]:.4f} (resumed from {log.csv_path})")
+            continue
+        if pick is not None:
+            images, labels = pick(seed)
+        torch.manual_seed(seed)  # network init from the global RNG; the generator drives order, views and mix
+        gen = torch.Generator().manual_seed(seed)
+        net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
+        saved = None
+        if teacher_net is not None and recipe.teacher_bn_mode == "train":
+            saved = {k: v.detach().clone() for k, v in teacher_net.state_dict().items()}
+        t0 = time.time()
+        try:
+            losses = train_network_kd(net, images, labels, recipe, gen, device, soft_targets=soft_targets,
+                                      stored=stored, prepare=prepare, shard=shard, desc=f"{arm} seed {seed}")
+        finally:
+            if saved is not None:
+                teacher_net.load_state_dict(saved)
+            if teacher_net is not None:
+                teacher_net.eval()  # frozen teachers rest in eval mode (features for diversity, the next run)
+        acc = score(net)
+        accs.append(acc)
+        log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
+                final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
+        log.info(f"  {model} {arm:10s} seed {seed}: test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+    return summarize(accs, seeds)
+
+
+def validate_kd(images: torch.Tensor | None, labels: torch.Tensor | None, spec: DatasetSpec, train, test, *,
+                models: list[str], recipe_for: Callable[[str], KDRecipe], teacher: Teacher | None,
+                norm: tuple[tuple, tuple], baselines: list[str], runs: int, seed: int, ipc: int | None,
+                device: torch.device, log: RunLog, stored=None, hard_labels: bool = False,
+                eval_transform: str = "none", full_epochs: int = 20, dist_info: DistInfo = DistInfo(),
+                workers: int = 0, herding_model: str | None = None, herding_epochs: int = 5,
+                teacher_source: str | None = None) -> dict:
+    """Every arm of the KD protocol for every student: "syn" (the set, soft labels from the online `teacher` or
+    from `stored`), "hard_label" (the same student, recipe and seeds with cross-entropy on the set's hard labels,
+    if asked), and the baselines "random" / "herding" / "full" (real images trained with the SAME teacher,
+    recipe and seeds). `images` are the set's pixels ([0, 1] float or uint8). Returns {model: {arm: summary}},
+    plus "_diversity": {arm: mean intra-class cosine} when a teacher is given (computed on rank 0 only)."""
+    mean, std = norm
+    prepare = lambda x: normalize(x, mean, std)  # noqa: E731  (pixels -> the teacher's input space)
+    eval_tf = EVAL_TRANSFORMS[eval_transform]
+    shard = Shard(dist_info.rank, dist_info.world_size)
+    seeds = [seed + i for i in range(runs)]
+    soft = teacher_soft_targets(teacher.net, recipe_for(models[0]).teacher_bn_mode, recipe_for(models[0]).amp) \
+        if teacher is not None else None
+    teacher_net = teacher.net if teacher is not None else None
+
+    def score(net):  # the real test set, sharded over ranks, counts summed
+        _sync_buffers(net, dist_info)
+        c, t = count_correct(net, test, device, lambda x: prepare(eval_tf(to_pixels(x))), batch_size=500,
+                             workers=workers, shard=shard)
+        counts = all_reduce_sum(torch.tensor([c, t], dtype=torch.float64, device=_collective_device(device)),
+                                dist_info)
+        return float(counts[0] / counts[1].clamp(min=1))
+    if isinstance(train, tuple):
+        train = torch.utils.data.TensorDataset(*train)
+    for b in ("full", "herding"):
+        if b in baselines and isinstance(train, FileDataset):
+            raise UserError(f"--baseline {b} needs the train split in memory, and this one is too large; "
+                            "pass --train-subset N (images per class)")
+    herd: dict[str, torch.Tensor] = {}
+    herd_model = herding_model or models[0]
+
+    def pick_herding(_seed):
+        if "idx" not in herd:
+            real_prep, _ = input_space(spec, "pixel", None)
+            herd["idx"] = herding_indices(*train.tensors, spec, ipc, model=herd_model, epochs=herding_epochs,
+                                          seed=seed, device=device, prepare=real_prep)
+        return train.tensors[0][herd["idx"]], train.tensors[1][herd["idx"]]
+    train_labels = dataset_labels(train) if train is not None else None
+
+    def pick_random(s):
+        idx = _random_subset(train_labels, spec.num_classes, ipc, s)
+        return take(train, idx), train_labels[idx]
+    source = teacher_source or (teacher.meta.get("source") if teacher is not None else None)
+    out: dict[str, dict] = {}
+    for model in models:
+        recipe = recipe_for(model)
+        kw = dict(prepare=prepare, shard=shard, teacher_net=teacher_net)
+        res: dict[str, dict] = {}
+        if images is not None:
+            res["syn"] = train_arm_kd("syn", model, images, labels, spec, recipe, seeds, score, device, log,
+                                      soft_targets=None if stored is not None else soft, stored=stored, **kw)
+            res["syn"]["teacher"] = source
+            res["syn"]["soft_labels"] = str(getattr(stored, "path", "stored")) if stored is not None else "online"
+            if hard_labels:
+                res["hard_label"] = train_arm_kd("hard_label", model, images, labels, spec, recipe, seeds, score,
+                                                 device, log, **kw)
+                res["hard_label"]["teacher"] = None
+        for b in ("random", "herding", "full"):
+            if b not in baselines:
+                continue
+            if soft is None:
+                raise UserError(f"--baseline {b} in KD mode needs an online --teacher to label the real images")
+            if b == "full":
+                res[b] = train_arm_kd(b, model, *train.tensors, spec, replace(recipe, epochs=full_epochs), seeds,
+                                      score, device, log, soft_targets=soft, **kw)
+            else:
+                res[b] = train_arm_kd(b, model, None, None, spec, recipe, seeds, score, device, log,
+                                      soft_targets=soft, pick=pick_random if b == "random" else pick_herding, **kw)
+                res[b]["ipc"] = ipc
+            res[b]["teacher"] = source
+        out[model] = res
+    if teacher is not None and dist_info.is_main:
+        div = {}
+        if images is not None:
+            div["syn"] = set_diversity(teacher, images, labels)
+        if "random" in baselines:
+            per_seed = [set_diversity(teacher, *pick_random(s)) for s in seeds]
+            div["random"] = float(np.mean(per_seed))
+            div["random_runs"] = per_seed
+        if "herding" in baselines:
+            div["herding"] = set_diversity(teacher, *pick_herding(seed))
+        out["_diversity"] = div
+    return out
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """gloo reduces CPU tensors, NCCL CUDA ones."""
+    return device if device.type == "cuda" and torch.distributed.is_initialized() else torch.device("cpu")
+
+
+def _sync_buffers(net: torch.nn.Module, dist_info: DistInfo) -> None:
+    """Before a sharded evaluation every rank takes rank 0's BatchNorm buffers (each rank updated its own copy on
+    its slice of the last batch), so all shards are scored by the same network."""
+    if not (dist_info.enabled and torch.distributed.is_initialized()):
+        return
+    for b in net.buffers():
+        if b.is_floating_point():
+            torch.distributed.broadcast(b.data, src=0)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
@@ -275,21 +590,38 @@ def main(
                                          "stands in for IDC's CPU torchvision augmentation. speed / mtt: "
                                          "MTT's evaluate_synset (speed.md §5.2): 1001 epochs, lr = the set's "
                                          "learned lr, x0.1 with a fresh optimiser after epoch 501, batch 256, DSA "
-                                         "single; speed also standardises every batch (§1.3)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "--epoch_eval_train", help="Training epochs per run "
-                                         "(default 300; the papers use 1000; lr drops ×0.1 after half with the "
-                                         "default step schedule)."),
+                                         "single; speed also standardises every batch (§1.3). KD presets (need "
+                                         "--teacher or --soft-labels; decoupled.md §6; each sets only its own "
+                                         "keys): sre2l-cifar = dwa-cifar: 400 epochs, batch 128, AdamW 1e-3 wd 0.01 "
+                                         "on all params, cosine, random crop pad 4 + flip, mixup (0.8) every batch, "
+                                         "T 30, teacher in train BN mode; sre2l-tiny: SGD 0.2/0.9/1e-4, batch 256, "
+                                         "100 epochs, 5-epoch warm-up + cosine, T 20 ×T², RRC + flip, no mix; "
+                                         "dwa-tiny: as sre2l-tiny with 200 epochs, batch 64, CutMix every batch; "
+                                         "sre2l-in1k: AdamW 1e-3 wd 0.01 (none on norm/bias), cosine, 300 epochs, "
+                                         "batch 1024, T 20, CutMix, RRC(0.08, 1) + flip, eval Resize ⌊R/7⌋·8 + "
+                                         "CenterCrop R; dwa-in1k: the same with batch 128; delt: as sre2l-in1k "
+                                         "with a half cosine (ends at 0.5×), RRC(0.25, 1), RandAugment m6 n2 "
+                                         "(torchvision's, standing in for timm's), batch by DELT's IPC rule, lr by "
+                                         "student (VGG-11 5e-4, AlexNet 1e-4, else 1e-3)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "--epoch_eval_train", "--re-epochs", help="Training "
+                                         "epochs per run (default 300; the papers use 1000; lr drops ×0.1 after "
+                                         "half with the default step schedule)."),
     runs: int = typer.Option(5, "--runs", "--num_eval", help="Fresh networks per arm; run i uses seed + i."),
     seed: int = typer.Option(0, "--seed", help="Base seed: network init, batch order, DSA, random subsets."),
-    lr: Optional[float] = typer.Option(None, "--lr", "--lr_net", help="SGD lr (default: the set's learned lr "
-                                       "if it has one, else 0.01)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_train", help="Training batch size "
-                                             "(default 256)."),
+    lr: Optional[float] = typer.Option(None, "--lr", "--lr_net", "--adamw-lr", help="SGD lr (default: the set's "
+                                       "learned lr if it has one, else 0.01). KD mode: the optimiser's lr "
+                                       "(default 1e-3)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_train", "--re-batch-size",
+                                             help="Training batch size (default 256; KD mode: 128, the global "
+                                             "batch that torchrun ranks split)."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (default 0.9)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", "--wd", help="SGD weight decay (default "
-                                                 "5e-4)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", "--wd", "--adamw-weight-decay",
+                                                 help="Weight decay (default 5e-4; KD mode: 0.01)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="lr schedule: step (default; ×0.1 at E/2), "
-                                           "multistep (×0.2 at 2E/3 and 5E/6), cosine, none."),
+                                           "multistep (×0.2 at 2E/3 and 5E/6), cosine, none. KD mode, per "
+                                           "epoch: cosine (default) ½(1+cos(πe/E)), half-cosine ½(1+cos(πe/2E)) "
+                                           "(DELT), warmup-cosine (linear warm-up from 0.01 for --warmup-epochs, "
+                                           "then cosine over the rest; Tiny), linear 1 − e/E, constant."),
     dsa: Optional[bool] = typer.Option(None, "--dsa/--no-dsa", help="Differentiable siamese augmentation on every "
                                        "batch (default on)."),
     dsa_strategy: Optional[str] = typer.Option(None, "--dsa-strategy", "--dsa_strategy", help="DSA families, "
@@ -297,8 +629,11 @@ def main(
     dsa_mode: Optional[str] = typer.Option(None, "--dsa-mode", help="single (default): one family per batch "
                                            "(MTT); all: every family; idc: flip, color, one geometric op, cutout."),
     mix_p: Optional[float] = typer.Option(None, "--mix-p", "--mix_p", help="CutMix probability per batch, applied "
-                                          "after DSA (default 0: off; idc_dream.md §2.5)."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="CutMix λ ~ Beta(beta, beta) (default 1)."),
+                                          "after DSA (default 0: off; idc_dream.md §2.5). KD mode: the "
+                                          "probability of --kd-mix per batch (default 1)."),
+    beta: Optional[float] = typer.Option(None, "--beta", "--mix-alpha", help="CutMix λ ~ Beta(beta, beta) "
+                                         "(default 1). KD mode: α of --kd-mix (default 1 for cutmix, 0.8 for "
+                                         "mixup)."),
     batch_standardize: Optional[bool] = typer.Option(None, "--batch-standardize/--no-batch-standardize",
                                                      help="SPEED's per-batch scalar standardisation of train and "
                                                      "test inputs (speed.md §1.3; default off, on with --preset "
@@ -307,8 +642,11 @@ def main(
                                        "the set's storage IPC, same recipe and seeds), 'herding' (a herding subset "
                                        "of that IPC, selected once; see --herding-model) and/or 'full' (all real "
                                        "training data). Repeat the flag for several."),
-    ipc: Optional[int] = typer.Option(None, "--ipc", help="IPC of the random and herding baselines (default: the "
-                                      "set's storage IPC); required when no --syn is given."),
+    ipc: Optional[int] = typer.Option(None, "--ipc", "--IPC", help="IPC of the random and herding baselines "
+                                      "(default: the set's storage IPC); required when no --syn is given. With an "
+                                      "ImageFolder set (SRe2L/DWA/DELT, recover.py) it also takes the first N "
+                                      "files per class in sorted name order (DWA's rule; DELT shuffles an "
+                                      "unsorted listing instead, decoupled.md §9.1 item 9)."),
     herding_model: Optional[str] = typer.Option(None, "--herding-model", "--herding_model", help="Herding "
                                                 "baseline: network whose embed() features are herded, trained "
                                                 "on the train split (or --train-subset pool) with --seed (default: "
@@ -336,13 +674,90 @@ def main(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the runs recorded in an existing results "
                                    "CSV instead of resuming from them (needed when its configuration differs)."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
+    # ---- knowledge-distillation protocol (decoupled.md §6)
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "--teacher-path", help="KD mode: a teacher file "
+                                           "(ddtoolkit teacher, or a foreign checkpoint with --teacher-arch). The "
+                                           "student learns KL(softmax(teacher/T) ‖ student) on every augmented, "
+                                           "mixed view; students and teacher see the teacher's normalisation; "
+                                           "the student defaults to the teacher's architecture. Test accuracy is "
+                                           "measured once after the last epoch (reported: last); the references "
+                                           "report the best of their periodic test evaluations instead (§6.6)."),
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", "--arch-name", help="Architecture of a "
+                                               "foreign teacher checkpoint (SRe2L/DWA ckpt.pth, RDED .pth, "
+                                               "torchvision state_dict), e.g. resnet18_modified, conv4."),
+    teacher_norm: Optional[str] = typer.Option(None, "--teacher-norm", help="Normalisation of a foreign teacher: "
+                                               "imagenet, cifar10, cifar10-true, cifar100, tiny (default: the "
+                                               "dataset's)."),
+    soft_labels: Optional[Path] = typer.Option(None, "--soft-labels", "--fkd-path", help="KD mode from stored "
+                                               "soft labels (relabel.py output): the recorded views and teacher "
+                                               "logits of each epoch replace the online teacher for the set (which "
+                                               "must be the one relabelled, in full: no --ipc subset). Batch size "
+                                               "and epochs default to the stored ones; the normalisation and "
+                                               "student come from --teacher if given, else from the manifest. "
+                                               "Baselines still need --teacher."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="KD temperature (default 20; "
+                                                "CIFAR presets 30)."),
+    kd_mix: Optional[str] = typer.Option(None, "--kd-mix", "--mix-type", "--mix_type", help="KD batch mix: "
+                                         "cutmix (default), mixup or none; the teacher labels the mixed view."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="KD optimiser: adamw (default) or sgd."),
+    t_squared: Optional[bool] = typer.Option(None, "--t-squared/--no-t-squared", help="Multiply the KD loss by "
+                                             "T² (the Tiny SGD recipes; default off)."),
+    teacher_bn_mode: Optional[str] = typer.Option(None, "--teacher-bn-mode", help="eval (default): the teacher "
+                                                  "labels with its running BN statistics. train: its BN uses each "
+                                                  "mixed batch's statistics, as SRe2L relabel_cifar.py and DWA "
+                                                  "validation_cifar.py do (§9.1 item 7; the CIFAR presets' parity "
+                                                  "setting); its buffers are restored after every run."),
+    hard_labels: bool = typer.Option(False, "--hard-labels/--no-hard-labels", help="KD mode: also train the same "
+                                     "student, recipe and seeds with cross-entropy on the set's hard labels and "
+                                     "report it alongside (arm hard_label)."),
+    amp: bool = typer.Option(False, "--amp", help="KD mode: bf16 autocast of the teacher and student forwards on "
+                             "CUDA (no effect on CPU)."),
+    kd_crop: Optional[str] = typer.Option(None, "--kd-crop", help="KD per-image crop: rrc (RandomResizedCrop, "
+                                          "default), random-crop-pad4 (CIFAR), none."),
+    crop_scale: Optional[str] = typer.Option(None, "--crop-scale", help="KD RandomResizedCrop area range 'min,max' "
+                                             "(default 0.08,1; DELT 0.25,1)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="KD horizontal flip per image (default on)."),
+    rand_augment: Optional[bool] = typer.Option(None, "--rand-augment/--no-rand-augment", "--use-rand-augment",
+                                                help="KD: torchvision RandAugment m6 n2 per image before the "
+                                                "crop, standing in for DELT's timm rand-m6-n2-mstd1.0 (default "
+                                                "off; on with --preset delt)."),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="KD: epochs of linear lr warm-up "
+                                                "from 0.01× (default 0; Tiny presets 5)."),
+    betas: Optional[str] = typer.Option(None, "--betas", help="KD AdamW betas 'b1,b2' (default 0.9,0.999)."),
+    wd_norm_bias: Optional[bool] = typer.Option(None, "--wd-norm-bias/--no-wd-norm-bias", help="KD: weight decay "
+                                                "on normalisation parameters and biases too (CIFAR and Tiny "
+                                                "recipes) or not (default: not; ImageNet and DELT)."),
+    eval_transform: Optional[str] = typer.Option(None, "--eval-transform", help="KD test view: none (default) or "
+                                                 "resize-crop (Resize ⌊R/7⌋·8 then CenterCrop R: DELT and the "
+                                                 "ImageNet 256/224 protocol)."),
 ):
-    """Train fresh networks on a distilled set (and baselines) and report last-epoch test accuracy."""
+    """Train fresh networks on a distilled set (and baselines) and report last-epoch test accuracy.
+
+    With --teacher (or --soft-labels) the students learn from a teacher's soft labels (SRe2L / DWA / DELT,
+    decoupled.md §6); under torchrun the student is trained with DDP (each rank a slice of every batch) and only
+    rank 0 writes.
+    """
+    cli = dict(locals())
+    if teacher is not None or soft_labels is not None:
+        return run_kd(cli)
+    kd_only = dict(temperature=temperature, kd_mix=kd_mix, optimizer=optimizer, t_squared=t_squared,
+                   teacher_bn_mode=teacher_bn_mode, kd_crop=kd_crop, crop_scale=crop_scale, flip=flip,
+                   rand_augment=rand_augment, warmup_epochs=warmup_epochs, betas=betas, wd_norm_bias=wd_norm_bias,
+                   eval_transform=eval_transform, teacher_arch=teacher_arch, teacher_norm=teacher_norm,
+                   hard_labels=hard_labels or None, amp=amp or None)
+    given = [k for k, v in kd_only.items() if v is not None]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} belongs to the KD protocol: give --teacher (or "
+                        "--soft-labels)")
+    if preset is not None and preset.lower() in KD_PRESETS:
+        raise UserError(f"--preset {preset} is a KD protocol: give --teacher (or --soft-labels)")
+    if env_info().enabled:
+        raise UserError("torchrun runs the KD protocol only (--teacher); run hard-label validation as one process")
     for b in baseline:
         if b not in ("random", "herding", "full"):
             raise UserError(f"unknown --baseline '{b}' (random, herding, full)")
     if preset is not None and preset.lower() not in PRESETS:
-        raise UserError(f"unknown --preset '{preset}' ({', '.join(PRESETS)})")
+        raise UserError(f"unknown --preset '{preset}' ({', '.join(PRESETS + tuple(KD_PRESETS))})")
     preset = preset.lower() if preset else None
     if syn is None and not baseline:
         raise UserError("nothing to train: give --syn and/or --baseline")
@@ -383,6 +798,8 @@ def main(
         test, spec = open_split(dataset, data_path, "test", resolution=res, download=download)
     if synset is not None:
         check_compatible(synset, spec)
+        if ipc and is_imagefolder_set(synset) and ipc != synset.meta.get("ipc"):
+            synset = first_ipc_of_imagefolder(synset, ipc)  # DWA's first-N-files rule, as in KD mode
     ipc = ipc or (synset.meta["ipc"] if synset is not None else None)
     for b in ("random", "herding"):
         if b in baseline and not ipc:
@@ -450,6 +867,229 @@ def main(
     for m, arms in by_model.items():
         for arm, s in arms.items():
             print(f"{m:14s} {arm:7s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f} %  ({len(s['runs'])} runs)")
+    print(f"results: {results}")
+
+
+def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    """'a,b' -> (a, b) for --crop-scale / --betas."""
+    if text is None:
+        return None
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes two numbers 'a,b', got '{text}'") from None
+    return a, b
+
+
+def _load_kd_teacher(path: Path, arch: str | None, norm: str | None, spec: DatasetSpec, device: torch.device
+                     ) -> Teacher:
+    try:
+        t = load_teacher(path, arch=arch, dataset=spec.name if arch is not None else None, norm=norm,
+                         num_classes=spec.num_classes, resolution=spec.resolution, device=device)
+    except UserError as e:
+        if "not a ddtoolkit teacher file" in str(e):
+            raise UserError(f"{path} is not a ddtoolkit teacher file; for a foreign checkpoint pass --teacher-arch "
+                            "(and --teacher-norm if it was not trained with the dataset's normalisation)") from None
+        raise
+    t.meta.setdefault("source", str(path))
+    return t
+
+
+def run_kd(c: dict) -> None:
+    """`validate.py --teacher ...`: the KD protocol (decoupled.md §6, §10). `c` holds main()'s arguments."""
+    for k, flag in (("dsa", "--dsa"), ("dsa_strategy", "--dsa-strategy"), ("dsa_mode", "--dsa-mode"),
+                    ("batch_standardize", "--batch-standardize")):
+        if c[k] is not None:
+            raise UserError(f"{flag} belongs to the hard-label protocols; KD mode augments with --kd-crop/--flip")
+    if c["zca"]:
+        raise UserError("--zca does not apply in KD mode: students train in the teacher's normalised space")
+    preset = c["preset"].lower() if c["preset"] else None
+    if preset is not None and preset not in KD_PRESETS:
+        known = ", ".join(KD_PRESETS)
+        raise UserError(f"--preset {c['preset']} is not a KD protocol; with --teacher use one of: {known}")
+    for b in c["baseline"]:
+        if b not in ("random", "herding", "full"):
+            raise UserError(f"unknown --baseline '{b}' (random, herding, full)")
+    if c["syn"] is None and not c["baseline"]:
+        raise UserError("nothing to train: give --syn and/or --baseline")
+    if c["eval_mode"] not in EVAL_POOLS:
+        raise UserError(f"unknown --eval-mode '{c['eval_mode']}' ({', '.join(EVAL_POOLS)})")
+    if c["hard_labels"] and c["syn"] is None:
+        raise UserError("--hard-labels trains on the set's hard labels: give --syn")
+    if c["soft_labels"] is not None and c["syn"] is None:
+        raise UserError("--soft-labels were recorded for a set: give it with --syn")
+    dev = resolve_device(c["device"])
+    info = init_distributed(dev)
+    try:
+        _run_kd(c, preset, device_for(info, dev), info)
+    finally:
+        cleanup(info)
+
+
+def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> None:
+    syn, dataset, data_path, res, download, seed = (c["syn"], c["dataset"], c["data_path"], c["res"],
+                                                     c["download"], c["seed"])
+    synset = None
+    if syn is not None:
+        synset = load_synset(syn, dataset=dataset, factor=c["factor"])
+        dataset = dataset or synset.meta["dataset"]
+    if dataset is None:
+        raise UserError("--dataset is required when no --syn set names it")
+    baseline = list(c["baseline"])
+    train = None
+    if baseline and c["train_subset"]:
+        tr, spec = load_split(dataset, data_path, "train", per_class=c["train_subset"], seed=seed, resolution=res,
+                              download=download)
+        train = (tr.images, tr.labels)
+    elif baseline:
+        train, spec = open_split(dataset, data_path, "train", resolution=res, download=download)
+    if c["test_per_class"]:
+        te, spec = load_split(dataset, data_path, "test", resolution=res, download=download,
+                              per_class=c["test_per_class"], seed=seed)
+        test = (te.images, te.labels)
+    else:
+        test, spec = open_split(dataset, data_path, "test", resolution=res, download=download)
+    ipc = c["ipc"]
+    if synset is not None:
+        check_compatible(synset, spec)
+        if ipc and is_imagefolder_set(synset) and ipc != synset.meta.get("ipc"):
+            synset = first_ipc_of_imagefolder(synset, ipc)
+        ipc = ipc or synset.meta["ipc"]
+    for b in ("random", "herding"):
+        if b in baseline and not ipc:
+            raise UserError(f"--baseline {b} needs --ipc when no --syn is given")
+
+    # the teacher (online) and / or the stored soft labels; the normalisation both sides use
+    teacher = None
+    if c["teacher"] is not None:
+        teacher = _load_kd_teacher(c["teacher"], c["teacher_arch"], c["teacher_norm"], spec, dev)
+        check_teacher_fits(teacher, spec, str(c["teacher"]))
+    stored, manifest = None, None
+    if c["soft_labels"] is not None:
+        try:
+            from utils.softlabels import SoftLabelReader
+        except ImportError:
+            raise UserError("--soft-labels needs utils/softlabels.py, which this checkout lacks; use --teacher "
+                            "(online soft labels) instead") from None
+        stored = SoftLabelReader(c["soft_labels"])
+        manifest = dict(stored.manifest)
+    if baseline and teacher is None:
+        raise UserError(f"--baseline {baseline[0]} in KD mode needs an online --teacher to label the real images")
+    if teacher is not None:
+        norm = (tuple(teacher.mean), tuple(teacher.std))
+        arch = teacher.arch
+    else:
+        rec = stored_teacher_info(manifest)
+        if rec["mean"] is None or rec["std"] is None:
+            raise UserError(f"{c['soft_labels']}: its manifest records no normalisation; pass --teacher (the file "
+                            "the labels came from) so students see the teacher's input space")
+        norm, arch = (tuple(rec["mean"]), tuple(rec["std"])), rec["arch"]
+    if teacher is not None and manifest is not None:
+        rec = stored_teacher_info(manifest)
+        if rec["mean"] is not None and [round(v, 6) for v in rec["mean"]] != [round(v, 6) for v in norm[0]]:
+            raise UserError(f"{c['soft_labels']} was labelled with mean {rec['mean']}, but teacher {c['teacher']} "
+                            f"uses {list(norm[0])}")
+    base_model = c["model"] or arch
+    if base_model is None:
+        raise UserError("no student network: pass --model (the stored labels' manifest names no teacher arch)")
+    models = list(dict.fromkeys([base_model, *eval_pool(c["eval_mode"], base_model)]))
+
+    # the recipe: each field from its flag if given, else the KD preset, else KD_DEFAULTS (per student: DELT's
+    # lr and batch size depend on it)
+    explicit = dict(epochs=c["epochs"], optimizer=c["optimizer"], lr=c["lr"], weight_decay=c["weight_decay"],
+                    wd_on_norm_and_bias=c["wd_norm_bias"], momentum=c["momentum"],
+                    betas=_pair(c["betas"], "--betas"), batch_size=c["batch_size"], schedule=c["schedule"],
+                    warmup_epochs=c["warmup_epochs"], temperature=c["temperature"], t_squared=c["t_squared"],
+                    mix=c["kd_mix"], mix_alpha=c["beta"], mix_p=c["mix_p"], crop=c["kd_crop"],
+                    crop_scale=_pair(c["crop_scale"], "--crop-scale"), flip=c["flip"],
+                    rand_augment=c["rand_augment"], teacher_bn_mode=c["teacher_bn_mode"],
+                    eval_transform=c["eval_transform"])
+    if stored is not None:  # the relabel stage fixed the batches and the epochs (SRe2L FKD, §6.1)
+        stored_bs = int(manifest["batch_size"])
+        if explicit["batch_size"] is not None and explicit["batch_size"] != stored_bs:
+            raise UserError(f"--batch-size {explicit['batch_size']}: the soft labels in {c['soft_labels']} were "
+                            f"stored in batches of {stored_bs}; train with that batch size (or relabel)")
+        explicit["batch_size"] = stored_bs
+        explicit["epochs"] = explicit["epochs"] or stored.num_epochs()
+    resolved = {m: resolve_options(explicit, kd_protocol(preset, spec, ipc, m, arch) if preset else None,
+                                   KD_DEFAULTS) for m in models}
+    recipes = {m: kd_recipe(o, amp=c["amp"]) for m, o in resolved.items()}
+    for r in recipes.values():
+        check_recipe(r)
+    opt = resolved[base_model]
+    if opt["eval_transform"] not in EVAL_TRANSFORMS:
+        raise UserError(f"unknown --eval-transform '{opt['eval_transform']}' ({', '.join(EVAL_TRANSFORMS)})")
+    if opt["batch_size"] < info.world_size:
+        raise UserError(f"--batch-size {opt['batch_size']} is smaller than the {info.world_size} torchrun ranks "
+                        "that split every batch")
+
+    images = labels = None
+    if synset is not None:
+        images, labels = synset.decode()
+        images = synset.to_pixels(images)  # every set in pixel space [0, 1]; the teacher's normalisation follows
+        if is_imagefolder_set(synset):  # 8-bit files: uint8 is exact and 4× smaller
+            images = (images * 255).round().to(torch.uint8)
+    kd_config = dict(teacher=str(c["teacher"]) if c["teacher"] else None, teacher_arch=arch,
+                     teacher_mean=list(norm[0]), teacher_std=list(norm[1]),
+                     soft_labels=str(c["soft_labels"]) if c["soft_labels"] else None,
+                     soft_labels_manifest=manifest, hard_labels=c["hard_labels"], amp=c["amp"],
+                     world_size=info.world_size,
+                     recipe={k: list(v) if isinstance(v, tuple) else v for k, v in opt.items()},
+                     lr_by_model={m: r.lr for m, r in recipes.items()},
+                     batch_by_model={m: r.batch_size for m, r in recipes.items()})
+    herding = "herding" in baseline
+    config = dict(dataset=spec.name, data_path=str(data_path), syn=str(syn) if syn else None, models=models,
+                  epochs=opt["epochs"], runs=c["runs"], seed=seed, lr=opt["lr"], batch_size=opt["batch_size"],
+                  momentum=opt["momentum"], weight_decay=opt["weight_decay"], schedule=opt["schedule"],
+                  baseline=baseline, ipc=ipc, full_epochs=c["full_epochs"], factor=c["factor"], res=res,
+                  train_subset=c["train_subset"], test_per_class=c["test_per_class"], eval_mode=c["eval_mode"],
+                  preset=preset, mix_p=opt["mix_p"], beta=opt["mix_alpha"],
+                  herding_model=(c["herding_model"] or base_model) if herding else None,
+                  herding_epochs=c["herding_epochs"] if herding else None, kd=kd_config)
+    results = c["results"]
+    if results is None:
+        results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
+    key = config_key(config)
+    # every rank reads the finished runs (so all skip the same ones); only rank 0 writes
+    log = RunLog(results.with_suffix(".csv"), quiet=c["quiet"] or not info.is_main, constant={"config": key},
+                 resume=not c["overwrite"])
+    if not info.is_main:
+        log.csv_path = None
+    if any(r.get("config") != key for r in log.rows):
+        raise UserError(f"{results.with_suffix('.csv')} holds runs of another configuration; "
+                        "pass --overwrite or choose another --results")
+    r0 = recipes[base_model]
+    log.info(f"validate (KD): {spec.name} ({spec.num_classes} classes, {spec.resolution}px), student(s) {models}, "
+             f"teacher {arch} ({'stored labels' if stored is not None else 'online'}), {c['runs']} runs, "
+             f"{r0.epochs} epochs, {r0.optimizer} lr {r0.lr:g}, batch {r0.batch_size}, T {r0.temperature:g}"
+             f"{' ×T²' if r0.t_squared else ''}, mix {r0.mix}, crop {r0.crop}, teacher BN {r0.teacher_bn_mode}, "
+             f"preset {preset or 'none'}, device {dev}, ranks {info.world_size}")
+    t0 = time.time()
+    by_model = validate_kd(images, labels, spec, train, test, models=models, recipe_for=recipes.__getitem__,
+                           teacher=teacher, norm=norm, baselines=baseline, runs=c["runs"], seed=seed, ipc=ipc,
+                           device=dev, log=log, stored=stored, hard_labels=c["hard_labels"],
+                           eval_transform=opt["eval_transform"], full_epochs=c["full_epochs"], dist_info=info,
+                           workers=c["workers"], herding_model=config["herding_model"],
+                           herding_epochs=c["herding_epochs"],
+                           teacher_source=kd_config["teacher"] or stored_teacher_info(manifest or {})["path"])
+    if not info.is_main:
+        return
+    diversity = by_model.pop("_diversity", None)
+    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
+              "space": "teacher-normalized", "protocol": "kd",
+              "test_images": len(test[1]) if isinstance(test, tuple) else len(test),
+              "seconds": round(time.time() - t0, 1), **by_model[base_model], "by_model": by_model,
+              "teacher": {"path": kd_config["teacher"], "arch": arch, "mean": list(norm[0]), "std": list(norm[1]),
+                          "soft_labels": kd_config["soft_labels"]},
+              "diversity_cosine": diversity, "reported": "last", "config": config,
+              "note": "test accuracy measured once, after the last epoch (fractions; no model selection on the "
+                      "test set, unlike the references' best-of-epochs, decoupled.md §6.6); std = population std "
+                      "over runs; diversity_cosine = mean over classes of the mean pairwise cosine similarity of "
+                      "the teacher's penultimate features (lower = more diverse)"}
+    atomic_write_json(report, results)
+    for m, arms in by_model.items():
+        for arm, s in arms.items():
+            print(f"{m:14s} {arm:10s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f} %  ({len(s['runs'])} runs)")
     print(f"results: {results}")
 
 

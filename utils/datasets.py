@@ -421,7 +421,7 @@ def _decode_image(data: bytes | Path, channels: int, resolution: int, resize: st
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _iter_file_bytes(fs: FileSplit, indices: list[int]) -> Iterator[tuple[int, bytes | Path, str]]:
+def iter_file_bytes(fs: FileSplit, indices: list[int]) -> Iterator[tuple[int, bytes | Path, str]]:
     if fs.archive is None:
         for i in indices:
             yield i, fs.files[i], str(fs.files[i])
@@ -442,11 +442,11 @@ def decode_files(fs: FileSplit, indices: list[int], channels: int, resolution: i
                  progress: bool = False) -> torch.Tensor:
     """Decode the chosen files into one uint8 tensor [len(indices), C, R, R] (in `indices` order)."""
     if not resolution:  # ImageFolder without --res: take the first image's size
-        _, data, name = next(_iter_file_bytes(fs, indices[:1]))
+        _, data, name = next(iter_file_bytes(fs, indices[:1]))
         resolution = _decode_image(data, channels, 0, resize, name).shape[-1]
     out = torch.empty(len(indices), channels, resolution, resolution, dtype=torch.uint8)
     pos = {i: k for k, i in enumerate(indices)}
-    it = _iter_file_bytes(fs, indices)
+    it = iter_file_bytes(fs, indices)
     if progress:
         from utils.misc import progress as bar
         it = bar(it, total=len(indices), desc="decoding images")

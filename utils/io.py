@@ -37,6 +37,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
-from utils.io import _atomic_write, safe_torch_load
+from utils.io import atomic_write_bytes, safe_torch_load
 
 FORMAT = "ddtoolkit-softlabels"
 VERSION = 1
@@ -70,7 +70,7 @@ def save_record(record: dict, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(record, buf)
     data = buf.getvalue()
-    _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+    atomic_write_bytes(data, path)
 
 
 def num_batches(num_images: int, batch_size: int) -> int:
