@@ -70,8 +70,9 @@ class NaiveBNHook:
                           + self.r_var * torch.norm(module.running_var.data - var, 2))
 
 
-def naive_unit(net, cfg: Rc.RecoverConfig, teacher: Teacher, n_classes: int, device, amp: bool):
-    """One batch the reference way."""
+def naive_unit(net, cfg: Rc.RecoverConfig, teacher: Teacher, n_classes: int, device, amp: bool,
+               x0: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch the reference way; returns the final images (x0: the initial images, else N(0, 1) noise)."""
     import torchvision.transforms as T
     R = teacher.resolution
     if cfg.method == "dwa":
@@ -81,7 +82,8 @@ def naive_unit(net, cfg: Rc.RecoverConfig, teacher: Teacher, n_classes: int, dev
     aug = T.Compose([T.RandomResizedCrop(R, scale=(cfg.crop_min, cfg.crop_max), antialias=False),
                      T.RandomHorizontalFlip()]) if cfg.rrc else None
     y = torch.arange(n_classes, device=device)
-    x = torch.randn(n_classes, teacher.channels, R, R, device=device, requires_grad=True)
+    x = (torch.randn(n_classes, teacher.channels, R, R, device=device) if x0 is None else x0.clone().to(device))
+    x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
     mean, std = teacher.mean, teacher.std
     for t in range(cfg.iterations):
@@ -112,7 +114,10 @@ def naive_unit(net, cfg: Rc.RecoverConfig, teacher: Teacher, n_classes: int, dev
                 x[:, c] = torch.clamp(x[:, c], -m / s, (1 - m) / s)
     for h in hooks:
         h.handle.remove()
-    return float(loss.detach())
+    if cfg.method == "dwa":
+        for p in net.parameters():
+            p.requires_grad_(False)
+    return x.detach()
 
 
 def setup(args, device) -> tuple[Teacher, Rc.RecoverConfig]:

@@ -377,3 +377,23 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert _files(two) == _files(one) and len(_files(one)) == 12
     assert (two / "log_shard0of2.csv").is_file() and (two / "log_shard1of2.csv").is_file()
     assert (two / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["sre2l", "dwa"])
+def test_bench_naive_loop_is_the_same_algorithm(tmp_path, method):
+    """bench/recover_speed.py times a faithful naive loop: with augmentation off and the same initial images it
+    must land on the same images as recover_group (so the speed ratio compares like with like)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recover_speed as bench
+    t = load_teacher(_teacher_file(tmp_path))
+    cfg = _cfg(method=method, iterations=6, rrc=False, flip=False, jitter=0, dwa_steps=2, rho=0.05,
+               batch_size=4, init="noise")
+    unit = R.plan_units(cfg, 4, (0, 1), (0, 4), 1)[0]
+    gen = torch.Generator().manual_seed(R.unit_seed(cfg.seed, cfg.method, unit.key))
+    x0 = R.initial_images(unit, cfg, t, None, gen)
+    before = [p.detach().clone() for p in t.net.parameters()]
+    ours = R.recover_group([unit], cfg, t, None, torch.device("cpu")).images
+    naive = bench.naive_unit(t.net, cfg, t, 4, torch.device("cpu"), False, x0=x0)
+    assert torch.allclose(ours, naive, atol=1e-4)
+    if method == "dwa":   # the naive loop leaves its perturbation in place (the reference reloads the teacher)
+        assert not all(torch.equal(p, b) for p, b in zip(t.net.parameters(), before))
