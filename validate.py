@@ -176,6 +176,15 @@ def summarize(accs: list[float], seeds: list[int]) -> dict:
             "seeds": seeds}
 
 
+def _record_run(log: RunLog, model: str, arm: str, seed: int, n_train: int, recipe, losses: list[float],
+                acc: float, t0: float) -> float:
+    """One finished training run: a results-CSV row (a re-run skips it) and a console line; returns acc."""
+    log.row(model=model, arm=arm, seed=seed, n_train=n_train, epochs=recipe.epochs, lr=recipe.lr,
+            final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
+    log.info(f"  {model} {arm:10s} seed {seed}: test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+    return acc
+
+
 def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, prepare: Callable,
               spec: DatasetSpec, recipe: TrainRecipe, seeds: list[int], score: Callable[[torch.nn.Module], float],
               device: torch.device, log: RunLog, pick: Callable[[int], tuple] | None = None) -> dict:
@@ -195,11 +204,7 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
         net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
         t0 = time.time()
         losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}")
-        acc = score(net)
-        accs.append(acc)
-        log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
-                final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
-        log.info(f"  {model} {arm:6s} seed {seed}: test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+        accs.append(_record_run(log, model, arm, seed, len(labels), recipe, losses, score(net), t0))
     return summarize(accs, seeds)
 
 
@@ -450,11 +455,7 @@ def train_arm_kd(arm: str, model: str, images: torch.Tensor | None, labels: torc
                 teacher_net.load_state_dict(saved)
             if teacher_net is not None:
                 teacher_net.eval()  # frozen teachers rest in eval mode (features for diversity, the next run)
-        acc = score(net)
-        accs.append(acc)
-        log.row(model=model, arm=arm, seed=seed, n_train=len(labels), epochs=recipe.epochs, lr=recipe.lr,
-                final_train_loss=round(losses[-1], 5), test_acc=acc, seconds=round(time.time() - t0, 1))
-        log.info(f"  {model} {arm:10s} seed {seed}: test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+        accs.append(_record_run(log, model, arm, seed, len(labels), recipe, losses, score(net), t0))
     return summarize(accs, seeds)
 
 

@@ -37,20 +37,9 @@ from networks import get_network  # noqa: E402
 from networks.functional import flatten_params  # noqa: E402
 from utils.datasets import get_dataset_spec  # noqa: E402
 from utils.dsa import DSA  # noqa: E402
+from bench.memory import PeakMemory  # noqa: E402
 
 
-def _proc_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def naive_decode(freenet, saet, scm_rows):
@@ -131,13 +120,8 @@ def worker(variant, args, queue):
     device = torch.device(args.device)
     spec, cfg, params, net, start, target, gen = setup(args, device)
     one_iteration(variant, spec, cfg, params, net, start, target, gen, device)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _proc_kb("VmRSS") * 1024
+    meter = PeakMemory(device)
+    meter.start()
     times, losses = [], []
     for _ in range(args.iters):
         t0 = time.perf_counter()
@@ -145,9 +129,8 @@ def worker(variant, args, queue):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_kb("VmHWM") * 1024
     queue.put({"variant": variant, "sec_per_iter": min(times), "times": times,
-               "peak_extra_mib": (peak - base) / 2 ** 20, "loss": losses[0]})
+               "peak_extra_mib": meter.extra_mib(), "loss": losses[0]})
 
 
 def main():

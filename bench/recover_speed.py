@@ -38,20 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import recover as Rc  # noqa: E402
 from networks import get_network  # noqa: E402
 from utils.teacher import Teacher, freeze  # noqa: E402
+from bench.memory import PeakMemory  # noqa: E402
 
 
-def _proc_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 class NaiveBNHook:
@@ -158,19 +147,14 @@ def worker(variant, args, queue):
     cfg_saved, cfg = cfg, warm
     run()                                     # warm-up (allocator, kernels)
     cfg = cfg_saved
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _proc_kb("VmRSS") * 1024
+    meter = PeakMemory(device)
+    meter.start()
     t0 = time.perf_counter()
     run()
     sec = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_kb("VmHWM") * 1024
     images = len(units) * n
     queue.put({"variant": variant, "seconds": sec, "images_per_sec": images / sec,
-               "image_iterations_per_sec": images * cfg.iterations / sec, "peak_extra_mib": (peak - base) / 2 ** 20})
+               "image_iterations_per_sec": images * cfg.iterations / sec, "peak_extra_mib": meter.extra_mib()})
 
 
 def replace_iterations(cfg, iterations):
