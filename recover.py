@@ -23,7 +23,7 @@ written atomically, so a killed job loses at most the units in flight.
 
 Speed (§9.3): units with the same shape are recovered together in one teacher forward (`--group`), with the BN
 statistics computed per unit, so each unit's gradient is that of a separate run; teacher parameters are frozen
-outside DWA's ascent; bf16 autocast (`--amp`) and channels_last on GPU.
+outside DWA's ascent; channels_last; bf16 autocast on GPU (`--amp`).
 """
 from __future__ import annotations
 
@@ -594,14 +594,15 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
                 group["lr"] = cosine_lr(cfg.lr, t, T)
             s_min = crop_floor(cfg.crop_schedule, t, T, cfg.milestone, cfg.crop_min)
             pos = active[t // RI].nonzero().squeeze(1)
+            everyone = len(pos) == n        # SRe2L/DWA (and full DELT rounds): no gather, no scatter in backward
             views = []
             for g_i in range(G):
                 draw = draw_augmentation(cfg, R, s_min, gens[g_i])
-                views.append(apply_augmentation(x[g_i, pos], draw, cfg.rrc_antialias))
-            xa = torch.cat(views)
+                views.append(apply_augmentation(x[g_i] if everyone else x[g_i, pos], draw, cfg.rrc_antialias))
+            xa = views[0] if G == 1 else torch.cat(views)
             if channels_last:
                 xa = xa.contiguous(memory_format=torch.channels_last)
-            ya = y[:, pos].reshape(-1)
+            ya = (y if everyone else y[:, pos]).reshape(-1)
             if saved is not None and t == 0:
                 # §4.2: the ascent direction comes from the t = 0 view, which the t = 0 step reuses. Clean mode
                 # detaches the view so the K ascent passes do not leak into x.grad ([compat] bug 4).
@@ -613,7 +614,7 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(xa)
             logits = logits.float().reshape(G, len(pos), -1)
-            ce = torch.stack([F.cross_entropy(logits[g_i], y[g_i, pos]) for g_i in range(G)])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ya, reduction="none").view(G, -1).mean(1)
             bn = hooks.losses(G)
             loss_u = ce + cfg.r_bn * bn
             if cfg.tv_l2 or cfg.l2_scale:
@@ -630,7 +631,7 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
             loss.backward()
             opt.step()
             with torch.no_grad():
-                x.data = torch.maximum(torch.minimum(x.data, hi), lo)   # clip to valid pixels (§1.4)
+                x.clamp_(min=lo, max=hi)   # clip to valid pixels (§1.4)
             if t % log_every == 0 or t == T - 1:
                 log.append({"iteration": t, "loss": float(loss_u.detach().mean()), "ce": float(ce.detach().mean()),
                             "bn": float(bn.detach().mean()), "active": len(pos)})
@@ -756,8 +757,10 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
                         "output, any ImageFolder, or DWA tensor_<k>.pt files)")
     init = RealInit(init_path, teacher, cfg.init_resize) if cfg.init == "real" else None
     units = plan_units(cfg, teacher.num_classes, ipc_range, class_range, ipc_total)
-    if group <= 0:  # auto: ~256 images per forward on GPU, ~128 on CPU; DWA recovers units one by one
-        group = 1 if cfg.method == "dwa" else max(1, (256 if device.type == "cuda" else 128) // len(units[0].classes))
+    if group <= 0:
+        # auto: on GPU ~256 images per forward (small batches leave it idle); on a CPU one unit at a time, since a
+        # larger batch is no faster per image there and costs memory (docs/RESULTS.md, recover speed)
+        group = max(1, 256 // len(units[0].classes)) if device.type == "cuda" else 1
     groups = group_units(units, 1 if cfg.method == "dwa" else group)
     mine = shard(groups, shard_index, num_shards)
     if shard_index == 0 or not (out / "meta.json").is_file():
@@ -917,13 +920,13 @@ def main(
     jpeg_quality: Optional[int] = _O(None, "--jpeg-quality", help="JPEG quality (75 = PIL default)."),
     rounding: Optional[str] = _O(None, "--rounding", help="floor (reference truncation) or round."),
     seed: int = _O(0, "--seed", help="Base seed; each unit's seed derives from it and the unit."),
-    group: int = _O(0, "--group", help="Units recovered together in one forward (0 = auto; 1 = the reference "
-                    "loop). DWA always uses 1."),
+    group: int = _O(0, "--group", help="Units recovered together in one forward (0 = auto: ~256 images on GPU, "
+                    "1 on CPU). DWA always uses 1."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
     amp: bool = _O(False, "--amp", help="bf16 autocast for the teacher forward/backward (GPU); BN statistics "
                    "and pixels stay fp32."),
-    channels_last: Optional[bool] = _O(None, "--channels-last/--no-channels-last", help="channels_last memory "
-                                       "format (default: on for GPU)."),
+    channels_last: bool = _O(True, "--channels-last/--no-channels-last", help="channels_last memory format for "
+                             "the teacher and the augmented batch (faster on GPU and on CPU for ConvNets)."),
     log_every: int = _O(100, "--log-every", help="Log loss terms every N iterations."),
     overwrite: bool = _O(False, "--overwrite", help="Replace a different run's images in --out."),
     quiet: bool = _O(False, "--quiet", help="No progress bars."),
@@ -963,7 +966,7 @@ def main(
     summary = recover(cfg, teacher, teacher_path, out, ipc_range=(ipc_start, ipc_end),
                       class_range=_range(class_range, "--class-range"), ipc_total=ipc_total, init_path=init_path,
                       group=group, shard_index=index, num_shards=count, device=dev, amp=amp,
-                      channels_last=dev.type == "cuda" if channels_last is None else channels_last, quiet=quiet,
+                      channels_last=channels_last, quiet=quiet,
                       log_every=log_every, overwrite=overwrite, draw_grid=not info.enabled)
     barrier(info)
     if info.enabled and info.is_main:  # after every rank has finished, one process draws the whole set's grid

@@ -10,9 +10,10 @@ What the naive loop does, like the references (decoupled.md §3.1, §4.2): one b
 time; forward hooks that keep each BN input and compute mean/var with a permute + view; augmentation with
 torchvision transforms on the batch tensor from the global RNG and a roll from Python's `random`; a per-channel
 clamp loop; the teacher's parameters keep requires_grad for DWA (so every backward also computes weight
-gradients). Ours (recover.recover_group): `--units` same-shaped units in one forward with per-unit BN statistics
-(each unit's gradient is that of a separate run), parameters frozen outside DWA's ascent, one vectorised clamp,
-and on GPU channels_last (+ bf16 with --amp in both).
+gradients). Ours (recover.recover_group): the same `--units`, `--group` of them per forward with per-unit BN statistics
+(each unit's gradient is that of a separate run), parameters frozen outside DWA's ascent, no gather
+when every image is active, BN statistics from two staged means, one in-place clamp, channels_last (+ bf16 with
+--amp in both, GPU).
 
 Each variant runs in its own subprocess, alternating, so peak memory is its own: CUDA max_memory_allocated, or on
 a CPU the growth of the peak resident set (VmHWM reset through /proc/self/clear_refs).
@@ -136,10 +137,9 @@ def worker(variant, args, queue):
             for _ in units:
                 naive_unit(teacher.net, cfg, teacher, n, device, args.amp)
         else:
-            group = 1 if cfg.method == "dwa" else len(units)
+            group = 1 if cfg.method == "dwa" else args.group
             for g in Rc.group_units(units, group):
-                Rc.recover_group(g, cfg, teacher, None, device, amp=args.amp,
-                                 channels_last=device.type == "cuda")
+                Rc.recover_group(g, cfg, teacher, None, device, amp=args.amp, channels_last=not args.no_channels_last)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -171,6 +171,9 @@ def main():
     ap.add_argument("--batch", type=int, default=100, help="classes per unit (B); capped at --classes")
     ap.add_argument("--units", type=int, default=10, help="units (ipc indices) recovered; ours groups them")
     ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--group", type=int, default=1, help="units per forward in ours (recover.py's CPU default 1; "
+                    "its GPU default ~256 images)")
+    ap.add_argument("--no-channels-last", action="store_true", help="ours without channels_last")
     ap.add_argument("--rrc", action="store_true", help="RandomResizedCrop + flip (ImageNet/Tiny settings)")
     ap.add_argument("--dwa-steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds of both variants")
