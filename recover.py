@@ -43,6 +43,7 @@ import typer
 from PIL import Image
 from torch import nn
 
+from utils.augment import crop_resize_box, flip_mask, rrc_boxes
 from utils.datasets import IMAGE_SUFFIXES
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
@@ -371,27 +372,9 @@ def unit_seed(seed: int, method: str, key: str) -> int:
 
 def sample_crop(size: int, scale: tuple[float, float], generator: torch.Generator,
                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (10 tries, then the centre-crop fallback), drawn from `generator`."""
-    area = size * size
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= size and 0 < h <= size:
-            i = int(torch.randint(0, size - h + 1, (1,), generator=generator))
-            j = int(torch.randint(0, size - w + 1, (1,), generator=generator))
-            return i, j, h, w
-    in_ratio = 1.0
-    if in_ratio < ratio[0]:
-        w, h = size, int(round(size / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = size, int(round(size * ratio[1]))
-    else:
-        w = h = size
-    return (size - h) // 2, (size - w) // 2, h, w
+    """torchvision's RandomResizedCrop box (10 tries, then the centre-crop fallback), drawn from `generator` by the
+    shared `utils.augment.rrc_boxes`. (top, left, h, w)."""
+    return tuple(rrc_boxes(1, size, size, scale, generator, ratio)[0].tolist())
 
 
 @dataclass(frozen=True)
@@ -404,7 +387,7 @@ class AugDraw:
 def draw_augmentation(cfg: RecoverConfig, size: int, s_min: float, generator: torch.Generator) -> AugDraw:
     """One draw for a whole unit (the batched-tensor behaviour of the references): crop, flip, then roll."""
     crop = sample_crop(size, (s_min, cfg.crop_max), generator) if cfg.rrc else None
-    flip = bool(torch.rand(1, generator=generator) < 0.5) if cfg.flip else False
+    flip = bool(flip_mask(1, generator)) if cfg.flip else False
     if cfg.jitter > 0:
         lo = -cfg.jitter if cfg.jitter_mode == "symmetric" else 0
         dy, dx = torch.randint(lo, cfg.jitter + 1, (2,), generator=generator).tolist()
@@ -414,11 +397,8 @@ def draw_augmentation(cfg: RecoverConfig, size: int, s_min: float, generator: to
 
 
 def apply_augmentation(x: torch.Tensor, draw: AugDraw, antialias: bool = False) -> torch.Tensor:
-    size = x.shape[-1]
-    if draw.crop is not None:
-        i, j, h, w = draw.crop
-        x = F.interpolate(x[:, :, i:i + h, j:j + w], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=antialias)
+    if draw.crop is not None:                   # one box for the whole unit, as the references crop a batch
+        x = crop_resize_box(x, draw.crop, x.shape[-1], antialias)
     if draw.flip:
         x = x.flip(3)
     if draw.shift != (0, 0):

@@ -41,6 +41,7 @@ import typer
 from torch import nn
 
 from networks.registry import canonical_name, get_network, load_weights, parse_name
+from utils.augment import apply_flip, crop_resize, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
 from utils.checkpoint import load_state, save_state, settings_fingerprint
 from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_dataset_spec, normalize, open_split,
                             per_class_indices, read_split)
@@ -231,51 +232,25 @@ RRC_RATIO = (3 / 4, 4 / 3)
 
 def draw_pad_crop(n: int, res: int, pad: int, g: torch.Generator) -> dict:
     """RandomCrop(res, padding=pad): top-left corners in the padded image, uniform over 0..2*pad."""
-    return {"top": torch.randint(0, 2 * pad + 1, (n,), generator=g),
-            "left": torch.randint(0, 2 * pad + 1, (n,), generator=g)}
+    top, left = draw_pad_offsets(n, pad, g)
+    return {"top": top, "left": left}
 
 
 def apply_pad_crop(x: torch.Tensor, p: dict, pad: int) -> torch.Tensor:
-    n, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    rows = p["top"].to(x.device)[:, None] + torch.arange(h, device=x.device)          # [n, h]
-    cols = p["left"].to(x.device)[:, None] + torch.arange(w, device=x.device)         # [n, w]
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # advanced indexing picks xp[b, :, rows[b, i], cols[b, j]] -> [n, h, w, C]
-    return xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    return pad_crop(x, p["top"], p["left"], pad)
 
 
 def draw_rrc(n: int, res: int, pad: int, g: torch.Generator) -> dict:
-    """torchvision RandomResizedCrop.get_params per sample, vectorised: 10 tries of area ~ U(scale)·HW and
-    log-aspect ~ U(log 3/4, log 4/3); the first box that fits wins; else the whole (square) image."""
-    area = res * res
-    tries = 10
-    target = area * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * torch.rand(n, tries, generator=g,
-                                                                               dtype=torch.float64))
-    lo, hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
-    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=g, dtype=torch.float64))
-    w = torch.sqrt(target * aspect).round().long()
-    h = torch.sqrt(target / aspect).round().long()
-    ok = (w > 0) & (w <= res) & (h > 0) & (h <= res)
-    first = ok.int().argmax(1)
-    pick = torch.arange(n)
-    w, h, found = w[pick, first], h[pick, first], ok.any(1)
-    w, h = torch.where(found, w, res), torch.where(found, h, res)
-    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    top = torch.where(found, (u[:, 0] * (res - h + 1)).floor().long(), 0)
-    left = torch.where(found, (u[:, 1] * (res - w + 1)).floor().long(), 0)
+    """torchvision RandomResizedCrop.get_params per sample (`utils.augment.rrc_boxes`): 10 tries of area ~
+    U(scale)·HW and log-aspect ~ U(log 3/4, log 4/3); the first box that fits wins; else the whole (square) image."""
+    top, left, h, w = rrc_boxes(n, res, res, RRC_SCALE, g, RRC_RATIO).unbind(1)
     return {"top": top, "left": left, "h": h, "w": w}
 
 
 def apply_rrc(x: torch.Tensor, p: dict, pad: int) -> torch.Tensor:
     """Crop and resize back to the full size, one image at a time (bilinear with antialiasing, as PIL does)."""
-    res = x.shape[-1]
-    out = torch.empty_like(x)
-    for b, (t, l, h, w) in enumerate(zip(p["top"].tolist(), p["left"].tolist(), p["h"].tolist(), p["w"].tolist())):
-        crop = x[b:b + 1, :, t:t + h, l:l + w]
-        out[b] = crop[0] if (h, w) == (res, res) else F.interpolate(
-            crop, size=(res, res), mode="bilinear", align_corners=False, antialias=True)[0]
-    return out
+    boxes = torch.stack([p["top"], p["left"], p["h"], p["w"]], 1)
+    return crop_resize(x, boxes, x.shape[-1], antialias=True)
 
 
 # name -> (draw(n, res, pad, generator), apply(x, params, pad)) for the crop part
@@ -302,7 +277,7 @@ def draw_augmentation(aug: str, n: int, res: int, pad: int, g: torch.Generator) 
     spec = AUGMENTATIONS[aug]
     params = CROPS[spec.crop][0](n, res, pad, g) if spec.crop else {}
     if spec.flip:
-        params["flip"] = torch.rand(n, generator=g) < 0.5
+        params["flip"] = flip_mask(n, g)
     return params
 
 
@@ -311,8 +286,7 @@ def apply_augmentation(aug: str, x: torch.Tensor, params: dict, pad: int) -> tor
     if spec.crop:
         x = CROPS[spec.crop][1](x, params, pad)
     if spec.flip:
-        flip = params["flip"].to(x.device).view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
+        x = apply_flip(x, params["flip"])
     return x
 
 

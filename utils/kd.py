@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.augment import apply_flip, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
+from utils.augment import crop_resize as _crop_resize
 from utils.errors import UserError
 from utils.misc import progress
 from utils.train import _batches, _draw, cutmix, identity, mixed_cross_entropy, sample_beta
@@ -156,49 +158,14 @@ def make_optimizer(net: nn.Module, recipe: KDRecipe) -> torch.optim.Optimizer:
 # Per image, with the run's generator. Images arrive in pixel space [0, 1] (float) at the set's resolution R and
 # leave at R; the caller normalises afterwards (so padding is black, as torchvision pads the PIL image).
 
-def _rand(n: int, generator: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.rand(n, *shape, generator=generator, dtype=torch.float64)
+# The box rule, the crop/resize, the padded crop and the flip are the shared ones of `utils.augment` (one
+# implementation for squeeze.py, recover.py, relabel.py and this trainer); `rrc_boxes` is re-exported here.
 
-
-def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator,
-              ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes (top, left, h, w) per image, torchvision's rule drawn for the whole batch at once:
-    10 attempts of area ~ U(scale)·H·W and log-aspect ~ U(log ratio); the first attempt that fits is taken, with a
-    uniform position; if none fits, the centre crop clamped to the ratio range."""
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * _rand(n, generator, attempts))
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(n, generator, attempts)
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full((n,), -1, dtype=torch.long))
-    u_top, u_left = _rand(n, generator), _rand(n, generator)
-    # fallback: the whole image clamped to the ratio range, centred
-    in_ratio = width / height
-    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
-    rows = torch.arange(n)
-    hh = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((n,), float(fh), dtype=torch.float64))
-    ww = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((n,), float(fw), dtype=torch.float64))
-    top = torch.where(first >= 0, torch.floor(u_top * (height - hh + 1)), torch.floor((height - hh) / 2))
-    left = torch.where(first >= 0, torch.floor(u_left * (width - ww + 1)), torch.floor((width - ww) / 2))
-    return torch.stack([top, left, hh, ww], 1).long()
-
-
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image to its (top, left, h, w) box and resize it bilinearly to size×size, batched as one
-    grid_sample (half-pixel centres, as torchvision's resize; no antialias when shrinking)."""
-    n, _, H, W = x.shape
-    b = boxes.to(x.device, torch.float32)
-    top, left, h, w = b.unbind(1)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = w / W
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta, (n, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """Crop each image to its (top, left, h, w) box and resize it bilinearly to size×size, one image at a time
+    (`utils.augment.crop_resize`: half-pixel centres, as torchvision's tensor resize). Not antialiased when
+    shrinking unless asked (the trainer's documented behaviour; torchvision's tensor resize before 0.17)."""
+    return _crop_resize(x, boxes, size, antialias)
 
 
 def random_resized_crop(x: torch.Tensor, recipe: KDRecipe, generator: torch.Generator) -> torch.Tensor:
@@ -209,16 +176,8 @@ def random_resized_crop(x: torch.Tensor, recipe: KDRecipe, generator: torch.Gene
 def random_crop_padded(x: torch.Tensor, recipe: KDRecipe, generator: torch.Generator) -> torch.Tensor:
     """RandomCrop(R, padding p): zero-pad p pixels, then an R×R window at a uniform integer offset per image
     (exact pixel copies, no interpolation)."""
-    p = recipe.crop_padding
-    n, _, H, W = x.shape
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-    padded = F.pad(x, (p, p, p, p))
-    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [n, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [n, 1, 1, W]
-    ni = torch.arange(n, device=x.device)[:, None, None, None]
-    ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[ni, ci, rows, cols]
+    top, left = draw_pad_offsets(len(x), recipe.crop_padding, generator)
+    return pad_crop(x, top, left, recipe.crop_padding)
 
 
 CROPS: dict[str, Callable[[torch.Tensor, KDRecipe, torch.Generator], torch.Tensor]] = {
@@ -229,8 +188,7 @@ CROPS: dict[str, Callable[[torch.Tensor, KDRecipe, torch.Generator], torch.Tenso
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return apply_flip(x, flip_mask(len(x), generator))
 
 
 def rand_augment(x: torch.Tensor, recipe: KDRecipe, generator: torch.Generator) -> torch.Tensor:

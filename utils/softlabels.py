@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from utils.augment import RRC_ATTEMPTS, RRC_RATIO, apply_flip, crop_resize, rrc_boxes
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, safe_torch_load
 
@@ -48,8 +48,8 @@ MANIFEST = "relabel.json"
 STATS_FILE = "images_stats.pt"
 MIX_CODES = {"none": 0, "cutmix": 1, "mixup": 2}
 MIX_NAMES = {v: k for k, v in MIX_CODES.items()}
-CROP_RATIO = (3 / 4, 4 / 3)   # torchvision RandomResizedCrop's default aspect-ratio range (§6.1)
-CROP_TRIES = 10               # torchvision's number of tries before the centre-crop fallback
+CROP_RATIO = RRC_RATIO       # torchvision RandomResizedCrop's default aspect-ratio range (§6.1)
+CROP_TRIES = RRC_ATTEMPTS    # torchvision's number of tries before the centre-crop fallback
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -116,45 +116,17 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
 
 def sample_crops(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = CROP_RATIO,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """RandomResizedCrop parameters for n images of height x width, torchvision's rule (§6.1): up to 10 tries of
-    area = HW * U(scale) and aspect = exp(U(log ratio)), w = round(sqrt(area * aspect)), h = round(sqrt(area /
-    aspect)); the first try that fits is placed uniformly on the integer grid; if none fits, the centre crop of
-    the largest box with the aspect clamped to `ratio`.
+    """RandomResizedCrop parameters for n images of height x width, torchvision's rule (§6.1), drawn by the shared
+    `utils.augment.rrc_boxes`: up to 10 tries of area = HW * U(scale) and aspect = exp(U(log ratio)),
+    w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)); the first try that fits is placed uniformly on
+    the integer grid; if none fits, the centre crop of the largest box with the aspect clamped to `ratio`.
 
     Drawn per image, vectorised: all 10 tries and both position draws are taken for every image (a fixed number
     of draws per image, so the result is the same distribution as torchvision's loop, but not its stream).
     Returns [n, 4] float32 fractions (top/H, left/W, height/H, width/W)."""
-    f64 = torch.float64
-    area = float(height * width)
-    s = torch.empty(n, CROP_TRIES, dtype=f64).uniform_(float(scale[0]), float(scale[1]), generator=generator)
-    logr = torch.empty(n, CROP_TRIES, dtype=f64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                          generator=generator)
-    u = torch.rand(n, 2, dtype=f64, generator=generator)
-    aspect = torch.exp(logr)
-    # torch.round and Python's round (torchvision) both round half to even.
-    w = torch.round(torch.sqrt(area * s * aspect)).long()
-    h = torch.round(torch.sqrt(area * s / aspect)).long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)       # first try that fits (0 when none does)
-    found = fits.any(dim=1)
-    h_sel = h.gather(1, first).squeeze(1)
-    w_sel = w.gather(1, first).squeeze(1)
-    top = torch.floor(u[:, 0] * (height - h_sel + 1).to(f64)).long().clamp(max=height - h_sel)
-    left = torch.floor(u[:, 1] * (width - w_sel + 1).to(f64)).long().clamp(max=width - w_sel)
-    # centre-crop fallback (torchvision): clamp the image's own aspect ratio into `ratio`
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fh, fw = int(round(width / min(ratio))), width
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fh, fw = height, width
-    h_sel = torch.where(found, h_sel, torch.full_like(h_sel, fh))
-    w_sel = torch.where(found, w_sel, torch.full_like(w_sel, fw))
-    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
-    sizes = torch.tensor([height, width, height, width], dtype=f64)
-    return (torch.stack([top, left, h_sel, w_sel], dim=1).to(f64) / sizes).float()
+    boxes = rrc_boxes(n, height, width, scale, generator, ratio, CROP_TRIES)
+    sizes = torch.tensor([height, width, height, width], dtype=torch.float64)
+    return (boxes.to(torch.float64) / sizes).float()
 
 
 def crop_pixels(coords: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -167,18 +139,11 @@ def crop_pixels(coords: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def make_views(src: torch.Tensor, coords: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image's recorded box and resize it to size x size (bilinear, align_corners False, antialiased as
-    PIL's resize is), then flip the flagged views horizontally. One image at a time: a view depends only on its own
-    image and record, never on the batch it travels with (so replay is bit-identical)."""
-    n, c, height, width = src.shape
-    boxes = crop_pixels(coords, height, width).tolist()
-    out = src.new_empty(n, c, size, size)
-    for i, (t, l, h, w) in enumerate(boxes):
-        crop = src[i:i + 1, :, t:t + h, l:l + w]
-        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    flip = flip.to(device=src.device, dtype=torch.bool)
-    if bool(flip.any()):
-        out[flip] = out[flip].flip(-1)
-    return out
+    PIL's resize is), then flip the flagged views horizontally. One image at a time (`utils.augment.crop_resize`):
+    a view depends only on its own image and record, never on the batch it travels with (so replay is
+    bit-identical)."""
+    boxes = crop_pixels(coords, src.shape[-2], src.shape[-1])
+    return apply_flip(crop_resize(src, boxes, size, antialias=True), flip)
 
 
 def _mix_none(views: torch.Tensor, perm: torch.Tensor, lam: float, box: torch.Tensor | None) -> torch.Tensor:
