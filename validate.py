@@ -176,6 +176,17 @@ def summarize(accs: list[float], seeds: list[int]) -> dict:
             "seeds": seeds}
 
 
+def _train_dataset(train, baselines) -> torch.utils.data.Dataset:
+    """The train split as a Dataset; the full and herding baselines need it in memory, not streamed."""
+    if isinstance(train, tuple):
+        train = torch.utils.data.TensorDataset(*train)
+    for b in ("full", "herding"):
+        if b in baselines and isinstance(train, FileDataset):
+            raise UserError(f"--baseline {b} needs the train split in memory, and this one is too large; "
+                            "pass --train-subset N (images per class)")
+    return train
+
+
 def _record_run(log: RunLog, model: str, arm: str, seed: int, n_train: int, recipe, losses: list[float],
                 acc: float, t0: float) -> float:
     """One finished training run: a results-CSV row (a re-run skips it) and a console line; returns acc."""
@@ -226,12 +237,7 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
         # standardised test batches depend on the batch size: SPEED tests in batches of 128 (speed.md §5.2)
         return evaluate(net, test, device, real_prep, batch_size=128 if recipe.batch_standardize else 500,
                         batch_standardize=recipe.batch_standardize, workers=workers)
-    if isinstance(train, tuple):
-        train = torch.utils.data.TensorDataset(*train)
-    for b in ("full", "herding"):
-        if b in baselines and isinstance(train, FileDataset):
-            raise UserError(f"--baseline {b} needs the train split in memory, and this one is too large; "
-                            "pass --train-subset N (images per class)")
+    train = _train_dataset(train, baselines)
     herd_model = herding_model or models[0]
     herd: dict[str, torch.Tensor] = {}
 
@@ -487,12 +493,7 @@ def validate_kd(images: torch.Tensor | None, labels: torch.Tensor | None, spec: 
         counts = all_reduce_sum(torch.tensor([c, t], dtype=torch.float64, device=_collective_device(device)),
                                 dist_info)
         return float(counts[0] / counts[1].clamp(min=1))
-    if isinstance(train, tuple):
-        train = torch.utils.data.TensorDataset(*train)
-    for b in ("full", "herding"):
-        if b in baselines and isinstance(train, FileDataset):
-            raise UserError(f"--baseline {b} needs the train split in memory, and this one is too large; "
-                            "pass --train-subset N (images per class)")
+    train = _train_dataset(train, baselines)
     herd: dict[str, torch.Tensor] = {}
     herd_model = herding_model or models[0]
 
