@@ -49,6 +49,7 @@ from utils.distributed import barrier, cleanup, init_distributed, resolve_shard,
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.signals import StopRequest, Stopped
 from utils.synset import save_grid
 from utils.teacher import Teacher, load_teacher
 
@@ -544,7 +545,7 @@ class GroupResult:
 
 def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
                   device: torch.device, amp: bool = False, channels_last: bool = False, log_every: int = 100,
-                  progress_desc: str | None = None) -> GroupResult:
+                  progress_desc: str | None = None, stop: StopRequest | None = None) -> GroupResult:
     """Optimise the images of G same-shaped units together (§3.1, §4.2, §5.3, §9.3). Each unit has its own
     generator (init noise and augmentation draws), its own BN statistics and its own CE mean, so its pixels get
     exactly the gradient of a separate run."""
@@ -570,6 +571,9 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
         steps = progress(steps, total=T, desc=progress_desc)
     try:
         for t in steps:
+            if stop is not None and stop.requested:   # the group in flight is dropped; finished units are on disk
+                raise Stopped(f"stopped by {stop.name} in unit {units[0].key}; every finished unit is on disk; "
+                              "re-run the same command to continue")
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, t, T)
             s_min = crop_floor(cfg.crop_schedule, t, T, cfg.milestone, cfg.crop_min)
@@ -755,25 +759,35 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
              f"has {len(mine)} groups, {len(mine) - len(todo)} already done")
     done_images = 0
     start = time.time()
-    for gi, g in enumerate(progress(todo, total=len(todo), desc="groups", disable=quiet or len(todo) < 2)):
-        t0 = time.time()
-        res = recover_group(g, cfg, teacher, init, device, amp, channels_last, log_every,
-                            progress_desc=None if quiet else f"{g[0].key} (+{len(g) - 1})")
-        n = len(g[0].classes)
-        for j, u in enumerate(g):
-            if unit_done(out, u, cfg.image_format):  # recomputed only as part of its group: keep the file
-                continue
-            write_unit(out, u, res.images[j * n:(j + 1) * n], cfg, teacher,
-                       {"seed": unit_seed(cfg.seed, cfg.method, u.key), "group": [v.key for v in g],
-                        "seconds": time.time() - t0})
-        for row in res.log:
-            log.row(group=g[0].key, units=len(g), **row)
-        done_images += len(g) * n
+    with StopRequest() as stop:
+        for g in progress(todo, total=len(todo), desc="groups", disable=quiet or len(todo) < 2):
+            done_images += _recover_and_write(g, cfg, teacher, init, device, amp, channels_last, log_every, quiet,
+                                              out, log, stop)
+            stop.check("every finished unit is on disk")
     elapsed = time.time() - start
     if draw_grid:
         draw_grid_if_complete(out, units, teacher, cfg.image_format)
     return {"units": len(units), "groups_this_shard": len(mine), "recovered_images": done_images,
             "seconds": elapsed}
+
+
+def _recover_and_write(g: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
+                       device: torch.device, amp: bool, channels_last: bool, log_every: int, quiet: bool, out: Path,
+                       log: RunLog, stop: StopRequest) -> int:
+    """Recover one group and write its units that are not on disk yet; returns the images recovered."""
+    t0 = time.time()
+    res = recover_group(g, cfg, teacher, init, device, amp, channels_last, log_every,
+                        progress_desc=None if quiet else f"{g[0].key} (+{len(g) - 1})", stop=stop)
+    n = len(g[0].classes)
+    for j, u in enumerate(g):
+        if unit_done(out, u, cfg.image_format):  # recomputed only as part of its group: keep the file
+            continue
+        write_unit(out, u, res.images[j * n:(j + 1) * n], cfg, teacher,
+                   {"seed": unit_seed(cfg.seed, cfg.method, u.key), "group": [v.key for v in g],
+                    "seconds": time.time() - t0})
+    for row in res.log:
+        log.row(group=g[0].key, units=len(g), **row)
+    return len(g) * n
 
 
 def draw_grid_if_complete(out: Path, units: list[Unit], teacher: Teacher, fmt: str) -> bool:

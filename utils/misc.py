@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.signals import Stopped
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -72,7 +73,8 @@ class RunLog:
 
 
 def cli_errors(fn: Callable) -> Callable:
-    """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2; a stop request
+    honoured at a safe point (utils.signals.Stopped) one line and exit status 143."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -80,6 +82,9 @@ def cli_errors(fn: Callable) -> Callable:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
+        except Stopped as e:  # SIGTERM/SIGUSR1 honoured at a safe point (utils/signals.py)
+            print(f"{e}", file=sys.stderr)
+            raise SystemExit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
