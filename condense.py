@@ -38,6 +38,7 @@ from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, 
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.signals import StopRequest
 from utils.synset import SyntheticSet, make_meta, save_grid, save_synset
 from utils.train import maybe_cutmix, mixed_cross_entropy
 
@@ -845,8 +846,9 @@ def main(
         last = st.it == cfg.outer_iterations
         if st.it in snaps:
             save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / f"it{st.it}")
-        if st.it % ckpt_every == 0 or last:
+        if st.it % ckpt_every == 0 or last or stop.requested:
             atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
+        stop.check(f"checkpoint written after outer iteration {st.it} ({ckpt_path})")
         if not quiet and (st.it % max(1, cfg.outer_iterations // 50) == 0 or last):
             h = st.history[-1]
             log.info(f"  outer {st.it}/{cfg.outer_iterations}: match loss {h['match_loss']:.4f} ({h['seconds']:.1f}s)")
@@ -858,7 +860,8 @@ def main(
     if state is not None:   # rows logged after the checkpoint belong to iterations that will run again
         log.rows = [r for r in log.rows if int(r.get("it", 0)) <= state.it]
     if state is None or state.it < cfg.outer_iterations:
-        state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
+        with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the outer iteration in flight, exit 143
+            state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
     syn = build_synset(cfg, spec, state.S, clamp_save)
     save_outputs(out, syn, cfg)
     print(f"wrote {len(syn.labels)} stored images ({ipc}/class, factor {factor} -> "

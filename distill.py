@@ -40,6 +40,7 @@ from utils.errors import UserError
 from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
                          speed_preset, speed_tensors, storage_floats, straight_through_topk)
 from utils.synset import SyntheticSet, make_meta, save_synset
@@ -818,16 +819,18 @@ def main(
         if st.it in snaps:
             fill()
             save_synset(build_synset(cfg, spec, params, st.alpha, space, zca_state), out / "snapshots" / f"it{st.it}")
-        if st.it % ckpt_every == 0 or last:
+        if st.it % ckpt_every == 0 or last or stop.requested:
             fill()
             atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
+        stop.check(f"checkpoint written after iteration {st.it} ({ckpt_path})")
         if not quiet and (st.it % max(1, cfg.iterations // 50) == 0 or last):
             h = st.history[-1]
             log.info(f"  it {st.it}/{cfg.iterations}: match {h['match_loss']:.4f} reg {h['reg']:.4f} "
                      f"lr {h['syn_lr']:.5f} ({h['seconds']:.2f}s)")
 
     if state.it < cfg.iterations:
-        state = distill(cfg, spec, params, stream, gen, dev, log, state, on_iter)
+        with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the iteration in flight, exit 143
+            state = distill(cfg, spec, params, stream, gen, dev, log, state, on_iter)
     alpha = state.alpha if state.alpha is not None else torch.tensor(cfg.lr_teacher)
     syn = build_synset(cfg, spec, params, alpha, space, zca_state)
     save_outputs(out, syn)

@@ -77,3 +77,73 @@ def test_recover_stops_cleanly_and_resumes(tmp_path, sig):
     straight = _recover(tmp_path / "straight", teacher)
     straight.communicate(timeout=240)
     assert _files(out) == _files(tmp_path / "straight") and len(_files(out)) == 24
+
+
+def _signal_after_first_row(cmd: list[str], log_csv: Path, sig=signal.SIGTERM) -> tuple[int, str]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    end = time.time() + 120
+    while time.time() < end and proc.poll() is None:
+        if log_csv.is_file() and len(log_csv.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
+
+
+def test_condense_checkpoints_on_sigterm_and_resumes_to_the_same_set(tmp_path):
+    import torch
+    from tests.test_validate import make_mnist_like
+    (tmp_path / "data").mkdir()
+    make_mnist_like(tmp_path / "data", n_train=12, n_test=4)
+
+    def cmd(out):
+        return [sys.executable, str(ROOT / "condense.py"), "-d", "mnist", "--data-path", str(tmp_path / "data"),
+                "--ipc", "1", "-f", "2", "--reproduce", "--net", "ConvNet-3-w8", "--outer-iterations", "60",
+                "--inner-loop", "1", "--batch-real", "4", "--n-data", "4", "--ckpt-every", "1000", "--out", str(out),
+                "--quiet"]
+    out = tmp_path / "run"
+    rc, err = _signal_after_first_row(cmd(out), out / "log.csv")
+    assert rc == 143, err
+    assert "stopped by SIGTERM; checkpoint written after outer iteration" in err and "Traceback" not in err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 1 <= ckpt["it"] < 60                         # written on the stop, not by --ckpt-every
+    assert not (out / "synset.pt").exists()
+    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    a = torch.load(out / "synset.pt", weights_only=True)["tensors"]["images"]
+    b = torch.load(straight / "synset.pt", weights_only=True)["tensors"]["images"]
+    assert torch.equal(a, b)
+
+
+def test_distill_checkpoints_on_sigterm_and_resumes_to_the_same_set(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    import buffer as B
+    from tests.test_validate import make_mnist_like
+    (tmp_path / "data").mkdir()
+    make_mnist_like(tmp_path / "data", n_train=12, n_test=5)
+    r = CliRunner().invoke(B.app, ["--dataset", "MNIST", "--data-path", str(tmp_path / "data"), "--model",
+                                   "ConvNet-1-w8", "--train-epochs", "3", "--num-experts", "2", "--batch-train", "32",
+                                   "--buffer-path", str(tmp_path / "buffers"), "--quiet"])
+    assert r.exit_code == 0, r.output
+
+    def cmd(out):
+        return [sys.executable, str(ROOT / "distill.py"), "--dataset", "MNIST", "--ipc", "1", "--method", "mtt",
+                "--model", "ConvNet-1-w8", "--data-path", str(tmp_path / "data"), "--buffer-path",
+                str(tmp_path / "buffers"), "--iterations", "80", "--syn-steps", "3", "--max-start-epoch", "1",
+                "--batch-syn", "16", "--ckpt-every", "1000", "--out", str(out), "--quiet"]
+    out = tmp_path / "run"
+    rc, err = _signal_after_first_row(cmd(out), out / "log.csv", signal.SIGUSR1)   # not under Slurm: no requeue
+    assert rc == 143, err
+    assert "stopped by SIGUSR1; checkpoint written after iteration" in err and "Traceback" not in err
+    assert 1 <= torch.load(out / "ckpt.pt", weights_only=True)["it"] < 80
+    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    a = torch.load(out / "synset.pt", weights_only=True)["tensors"]
+    b = torch.load(straight / "synset.pt", weights_only=True)["tensors"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
