@@ -40,6 +40,7 @@ from utils.dsa import DSA
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
 from utils.trajectory import (buffer_files, buffer_index, check_trajectories, expert_dir_for, load_buffer_file,
                               mtt_layout, save_buffer_file)
@@ -380,31 +381,34 @@ def main(
         pending.clear()
 
     t_start = time.time()
-    for i in progress(todo, total=len(todo), desc="experts"):
-        t0 = time.time()
-        net = build_expert_network(model, spec, seed, i)
-        rows: list[dict] = []
-        traj = train_expert(net, train_x, train_y, train_epochs, generator=expert_generator(seed, i),
-                            lr=lr_teacher, momentum=mom, weight_decay=l2, batch_size=batch_train, dsa=aug,
-                            batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
-                            eval_every=eval_every, on_epoch=rows.append, desc=f"expert {i}")
-        csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
-                         train_acc=round(r["train_acc"], 5),
-                         test_acc="" if r["test_acc"] is None else round(r["test_acc"], 5), seconds="")
-                    for r in rows]
-        csv_rows[-1]["seconds"] = round(time.time() - t0, 1)
-        log.rows.extend(csv_rows[:-1])  # the CSV is rewritten once per expert, not once per epoch
-        log.row(**csv_rows[-1])
-        last = rows[-1]
-        acc = f", test acc {last['test_acc']:.4f}" if last["test_acc"] is not None else ""
-        log.info(f"expert {i + 1}/{num_experts}: train loss {last['train_loss']:.4f}, train acc "
-                 f"{last['train_acc']:.4f}{acc} ({time.time() - t0:.1f}s)")
-        pending.append(traj)
-        if len(pending) == save_interval or i == num_experts - 1:
-            flush()
-        else:
-            atomic_torch_save({"format": PARTIAL_FORMAT, "settings_key": key, "first_expert": sum(
-                f["experts"] for f in files), "trajectories": pending}, out / "partial.pt")
+    with StopRequest() as stop:   # SIGTERM/SIGUSR1: stop after the epoch in flight (utils/signals.py)
+        for i in progress(todo, total=len(todo), desc="experts"):
+            t0 = time.time()
+            net = build_expert_network(model, spec, seed, i)
+            rows: list[dict] = []
+            traj = train_expert(net, train_x, train_y, train_epochs, generator=expert_generator(seed, i),
+                                lr=lr_teacher, momentum=mom, weight_decay=l2, batch_size=batch_train, dsa=aug,
+                                batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
+                                eval_every=eval_every, desc=f"expert {i}", on_epoch=lambda r: (
+                                    rows.append(r), stop.check(f"expert {i} was in training and is dropped; the "
+                                                               "finished experts are on disk")))
+            csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
+                             train_acc=round(r["train_acc"], 5),
+                             test_acc="" if r["test_acc"] is None else round(r["test_acc"], 5), seconds="")
+                        for r in rows]
+            csv_rows[-1]["seconds"] = round(time.time() - t0, 1)
+            log.rows.extend(csv_rows[:-1])  # the CSV is rewritten once per expert, not once per epoch
+            log.row(**csv_rows[-1])
+            last = rows[-1]
+            acc = f", test acc {last['test_acc']:.4f}" if last["test_acc"] is not None else ""
+            log.info(f"expert {i + 1}/{num_experts}: train loss {last['train_loss']:.4f}, train acc "
+                     f"{last['train_acc']:.4f}{acc} ({time.time() - t0:.1f}s)")
+            pending.append(traj)
+            if len(pending) == save_interval or i == num_experts - 1:
+                flush()
+            else:
+                atomic_torch_save({"format": PARTIAL_FORMAT, "settings_key": key, "first_expert": sum(
+                    f["experts"] for f in files), "trajectories": pending}, out / "partial.pt")
     if pending:  # partial.pt experts beyond a lowered --num-experts: kept, as the last file
         flush()
     total = sum(f["experts"] for f in files)

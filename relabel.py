@@ -37,6 +37,7 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup, dev
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.signals import StopRequest
 from utils.softlabels import (CROP_RATIO, FORMAT, MANIFEST, MIX_CODES, STATS_FILE, VERSION, batch_file,
                               derive_seed, epoch_order, file_sha1, images_fingerprint, load_set_pixels,
                               missing_batches, normalize, num_batches, replay, sample_crops, save_record, stored_bytes,
@@ -326,13 +327,15 @@ def relabel(pixels: torch.Tensor, teacher: Teacher, out: str | Path, cfg: Relabe
              f"view {size}px; shard {index}/{count}: {len(todo)} of {len(mine)} batches to write; "
              f"~{manifest['estimated_mb']:.1f} MB in all")
     order_epoch, order = -1, None
-    for e, b in progress(todo, total=len(todo), desc="relabel", disable=True if quiet else None):
-        if e != order_epoch:
-            order_epoch, order = e, epoch_order(n, cfg.seed, e)
-        rec = make_record(order, e, b, cfg, h, w, size)
-        views = replay(images[rec["indices"]].to(device), rec, size)
-        rec.update(label_entries(teacher_logits(teacher.net, views, amp), cfg))
-        save_record(rec, batch_file(out, e, b))
+    with StopRequest() as stop:   # SIGTERM/SIGUSR1: stop after the batch file in flight (utils/signals.py)
+        for e, b in progress(todo, total=len(todo), desc="relabel", disable=True if quiet else None):
+            if e != order_epoch:
+                order_epoch, order = e, epoch_order(n, cfg.seed, e)
+            rec = make_record(order, e, b, cfg, h, w, size)
+            views = replay(images[rec["indices"]].to(device), rec, size)
+            rec.update(label_entries(teacher_logits(teacher.net, views, amp), cfg))
+            save_record(rec, batch_file(out, e, b))
+            stop.check(f"every batch file written so far is whole (last: epoch {e}, batch {b})")
 
     barrier(info)
     if info.is_main or not info.enabled:

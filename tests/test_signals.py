@@ -147,3 +147,33 @@ def test_distill_checkpoints_on_sigterm_and_resumes_to_the_same_set(tmp_path):
     a = torch.load(out / "synset.pt", weights_only=True)["tensors"]
     b = torch.load(straight / "synset.pt", weights_only=True)["tensors"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_buffer_stops_inside_an_expert_and_resumes_to_the_same_files(tmp_path):
+    import torch
+    from tests.test_validate import make_mnist_like
+    (tmp_path / "data").mkdir()
+    make_mnist_like(tmp_path / "data", n_train=12, n_test=5)
+
+    def cmd(root):
+        return [sys.executable, str(ROOT / "buffer.py"), "--dataset", "MNIST", "--data-path", str(tmp_path / "data"),
+                "--model", "ConvNet-1-w8", "--train-epochs", "40", "--num-experts", "3", "--save-interval", "10",
+                "--batch-train", "32", "--buffer-path", str(root), "--quiet"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(cmd(stopped), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    end = time.time() + 120
+    while time.time() < end and proc.poll() is None and not list(stopped.rglob("partial.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)               # the first expert is in partial.pt, the second in training
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM; expert" in err and "Traceback" not in err
+    assert subprocess.run(cmd(stopped), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    a, b = sorted(stopped.rglob("replay_buffer_*.pt")), sorted(straight.rglob("replay_buffer_*.pt"))
+    assert [p.name for p in a] == [p.name for p in b] == ["replay_buffer_0.pt"]
+    ta, tb = (torch.load(p, weights_only=True) for p in (a[0], b[0]))
+    assert len(ta) == len(tb) == 3
+    assert all(torch.equal(x, y) for ea, eb in zip(ta, tb) for sa, sb in zip(ea, eb) for x, y in zip(sa, sb))
