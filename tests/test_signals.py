@@ -13,6 +13,8 @@ from tests.test_recover import _files, _teacher_file
 from utils.signals import StopRequest, Stopped
 
 ROOT = Path(__file__).resolve().parent.parent
+# every run of a comparison uses one thread: a different thread count changes float sums, hence the results
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_stop_request_records_the_first_signal_and_restores_handlers():
@@ -110,9 +112,9 @@ def test_condense_checkpoints_on_sigterm_and_resumes_to_the_same_set(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert 1 <= ckpt["it"] < 60                         # written on the stop, not by --ckpt-every
     assert not (out / "synset.pt").exists()
-    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     straight = tmp_path / "straight"
-    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     a = torch.load(out / "synset.pt", weights_only=True)["tensors"]["images"]
     b = torch.load(straight / "synset.pt", weights_only=True)["tensors"]["images"]
     assert torch.equal(a, b)
@@ -141,9 +143,9 @@ def test_distill_checkpoints_on_sigterm_and_resumes_to_the_same_set(tmp_path):
     assert rc == 143, err
     assert "stopped by SIGUSR1; checkpoint written after iteration" in err and "Traceback" not in err
     assert 1 <= torch.load(out / "ckpt.pt", weights_only=True)["it"] < 80
-    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(out), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     straight = tmp_path / "straight"
-    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     a = torch.load(out / "synset.pt", weights_only=True)["tensors"]
     b = torch.load(straight / "synset.pt", weights_only=True)["tensors"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -169,9 +171,9 @@ def test_buffer_stops_inside_an_expert_and_resumes_to_the_same_files(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM; expert" in err and "Traceback" not in err
-    assert subprocess.run(cmd(stopped), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(stopped), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     straight = tmp_path / "straight"
-    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240).returncode == 0
+    assert subprocess.run(cmd(straight), cwd=ROOT, capture_output=True, timeout=240, env=ONE_THREAD).returncode == 0
     a, b = sorted(stopped.rglob("replay_buffer_*.pt")), sorted(straight.rglob("replay_buffer_*.pt"))
     assert [p.name for p in a] == [p.name for p in b] == ["replay_buffer_0.pt"]
     ta, tb = (torch.load(p, weights_only=True) for p in (a[0], b[0]))
