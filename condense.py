@@ -34,8 +34,8 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
-from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
-from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from utils.checkpoint import check_finite, load_state, resume_or_start, settings_fingerprint, state_dict
+from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
@@ -593,9 +593,8 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
                 g, loss = class_match_grad(net, params, real, S[rows], c, cfg, spec, match_dsa, gen)
                 grad[rows] = g
                 step_loss += loss
-            if not math.isfinite(step_loss):
-                raise UserError(f"matching loss became {step_loss} at outer iteration {it}; lower --lr-img "
-                                f"(effective {lr_img:g})")
+            # stop before the step: the last checkpoint (written after an earlier outer iteration) stays good
+            check_finite(step_loss, f"outer iteration {it}", f"--lr-img (effective {lr_img:g})")
             step_fn(S, buf, grad, lr_img, cfg.mom_img, n_cls)
             losses.append(step_loss / n_cls)
             for _ in range(cfg.net_epoch):
@@ -830,42 +829,44 @@ def main(
         raise UserError("--ckpt-every must be at least 1")
     fingerprint = config_fingerprint(cfg)
     ckpt_path = out / "ckpt.pt"
-    state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
-    if state is not None:
-        log.info(f"resuming from {ckpt_path} at outer iteration {state.it}/{cfg.outer_iterations}")
-    elif overwrite:
-        log = RunLog(out / "log.csv", quiet=quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({**asdict(cfg), "lr_img_effective": effective_lr_img(cfg.lr_img, ipc, spec),
-                       "outer_iterations": cfg.outer_iterations, "fingerprint": fingerprint}, out / "config.json")
-    log.info(f"condense: {'DREAM' if dream else 'IDC'} on {spec.name} ({len(labels)} train images), ipc {ipc}, "
-             f"factor {factor}, net {cfg.net}, {cfg.outer_iterations} x {cfg.inner_loop} iterations, lr_img "
-             f"{effective_lr_img(cfg.lr_img, ipc, spec):g}, metric {cfg.metric}, device {dev}")
+    with run_lock(out, "condense.py"):   # one writer per output folder
+        state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
+        if state is not None:
+            log.info(f"resuming from {ckpt_path} at outer iteration {state.it}/{cfg.outer_iterations}")
+        elif overwrite:
+            log = RunLog(out / "log.csv", quiet=quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json({**asdict(cfg), "lr_img_effective": effective_lr_img(cfg.lr_img, ipc, spec),
+                           "outer_iterations": cfg.outer_iterations, "fingerprint": fingerprint}, out / "config.json")
+        log.info(f"condense: {'DREAM' if dream else 'IDC'} on {spec.name} ({len(labels)} train images), ipc {ipc}, "
+                 f"factor {factor}, net {cfg.net}, {cfg.outer_iterations} x {cfg.inner_loop} iterations, lr_img "
+                 f"{effective_lr_img(cfg.lr_img, ipc, spec):g}, metric {cfg.metric}, device {dev}")
 
-    def on_outer(st: RunState) -> None:
-        last = st.it == cfg.outer_iterations
-        if st.it in snaps:
-            save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / f"it{st.it}")
-        if st.it % ckpt_every == 0 or last or stop.requested:
-            atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
-        stop.check(f"checkpoint written after outer iteration {st.it} ({ckpt_path})")
-        if not quiet and (st.it % max(1, cfg.outer_iterations // 50) == 0 or last):
-            h = st.history[-1]
-            log.info(f"  outer {st.it}/{cfg.outer_iterations}: match loss {h['match_loss']:.4f} ({h['seconds']:.1f}s)")
+        def on_outer(st: RunState) -> None:
+            last = st.it == cfg.outer_iterations
+            if st.it in snaps:
+                save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / f"it{st.it}")
+            if st.it % ckpt_every == 0 or last or stop.requested:
+                atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
+            stop.check(f"checkpoint written after outer iteration {st.it} ({ckpt_path})")
+            if not quiet and (st.it % max(1, cfg.outer_iterations // 50) == 0 or last):
+                h = st.history[-1]
+                log.info(f"  outer {st.it}/{cfg.outer_iterations}: match loss {h['match_loss']:.4f} "
+                         f"({h['seconds']:.1f}s)")
 
-    def on_init(st: RunState) -> None:
-        if 0 in snaps:
-            save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / "it0")
+        def on_init(st: RunState) -> None:
+            if 0 in snaps:
+                save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / "it0")
 
-    if state is not None:   # rows logged after the checkpoint belong to iterations that will run again
-        log.rows = [r for r in log.rows if int(r.get("it", 0)) <= state.it]
-    if state is None or state.it < cfg.outer_iterations:
-        with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the outer iteration in flight, exit 143
-            state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
-    syn = build_synset(cfg, spec, state.S, clamp_save)
-    save_outputs(out, syn, cfg)
-    print(f"wrote {len(syn.labels)} stored images ({ipc}/class, factor {factor} -> "
-          f"{ipc * factor * factor}/class decoded) to {out}")
+        # rows logged after the checkpoint belong to iterations that will run again; with no checkpoint, all of them
+        log.rows = [r for r in log.rows if int(r.get("it", 0)) <= state.it] if state is not None else []
+        if state is None or state.it < cfg.outer_iterations:
+            with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the outer iteration in flight, exit 143
+                state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
+        syn = build_synset(cfg, spec, state.S, clamp_save)
+        save_outputs(out, syn, cfg)
+        print(f"wrote {len(syn.labels)} stored images ({ipc}/class, factor {factor} -> "
+              f"{ipc * factor * factor}/class decoded) to {out}")
 
 
 if __name__ == "__main__":

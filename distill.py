@@ -38,14 +38,14 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize,
 from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
-from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
                          speed_preset, speed_tensors, storage_floats, straight_through_topk)
 from utils.synset import SyntheticSet, make_meta, save_synset
 from utils.train import standardize_batch
-from utils.trajectory import ExpertStream, buffer_files, expert_dir, flatten_snapshot
+from utils.trajectory import ExpertStream, buffer_files, expert_dir, flatten_snapshot, load_buffer_file
 
 # --------------------------------------------------------------------------------------------- settings
 
@@ -535,8 +535,8 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
         loss.backward()
         if not torch.isfinite(loss) or not torch.isfinite(alpha.grad if alpha.grad is not None else alpha):
             raise UserError(f"the matching loss became {float(loss)} at iteration {it}; the last checkpoint is "
-                            f"kept. Lower --lr-{'scm' if cfg.method == 'speed' else 'img'} or --lr-lr and resume "
-                            "with --overwrite")
+                            f"kept. Lower --lr-{'scm' if cfg.method == 'speed' else 'img'} or --lr-lr and re-run "
+                            "with --overwrite (a fresh start with the new value)")
         for opt in [*params.optimizers, alpha_opt]:
             opt.step()
         params.after_step()
@@ -545,7 +545,7 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
                 alpha.clamp_(min=cfg.lr_floor)   # §3.1: SPEED clamps; MTT does not
             if not (math.isfinite(float(alpha)) and float(alpha) > 0):
                 raise UserError(f"the learned lr became {float(alpha)} at iteration {it}; the last checkpoint is "
-                                "kept. Lower --lr-lr (or set --lr-floor) and resume with --overwrite")
+                                "kept. Lower --lr-lr (or set --lr-floor) and re-run with --overwrite (a fresh start)")
         state.it = it + 1
         state.history.append({"it": it, "match_loss": float(match.detach()), "reg": float(reg.detach()),
                               "syn_lr": float(alpha.detach()),
@@ -755,6 +755,7 @@ def main(
     folder = expert_folder or expert_dir(buffer_path, "ImageNet" if subset else spec.name, cfg.model, zca,
                                          subset=subset, res=spec.resolution if subset else None)
     files = buffer_files(folder)
+    load_buffer_file(files[0])   # a corrupt or foreign buffer fails here, before --out is created
     bmeta = read_buffer_meta(folder)
     if bmeta.get("net") and get_network(bmeta["net"], spec.channels, spec.num_classes, spec.resolution) is not None \
             and _num_params(bmeta["net"], spec) != _num_params(cfg.model, spec):
@@ -776,66 +777,70 @@ def main(
     out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
     fingerprint = config_fingerprint(cfg, {"experts": str(folder.resolve()), "space": space})
     ckpt_path = out / "ckpt.pt"
-    state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
-    log = RunLog(out / "log.csv", quiet=quiet, resume=not overwrite)
-    if state is not None:   # rows logged after the checkpoint belong to iterations that run again
-        log.info(f"resuming from {ckpt_path} at iteration {state.it}/{cfg.iterations}")
-        log.rows = [r for r in log.rows if int(r.get("it", 0)) < state.it]
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {**asdict(cfg), "experts": str(folder), "space": space, "fingerprint": fingerprint,
-                "num_images": num_images(cfg, spec)}
-    if cfg.method == "speed":
-        scfg = speed_config(cfg, spec)
-        resolved.update(budget_floats=budget_floats(spec.num_classes, ipc, spec.channels, spec.resolution),
-                        storage_floats=storage_floats(scfg, spec.num_classes, spec.channels))
-    atomic_write_json(resolved, out / "config.json")
+    with run_lock(out, "distill.py"):   # one writer per output folder
+        state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
+        log = RunLog(out / "log.csv", quiet=quiet, resume=not overwrite)
+        if state is not None:   # rows logged after the checkpoint belong to iterations that run again
+            log.info(f"resuming from {ckpt_path} at iteration {state.it}/{cfg.iterations}")
+            log.rows = [r for r in log.rows if int(r.get("it", 0)) < state.it]
+        else:                   # killed before its first checkpoint: the rows belong to iterations that run again
+            log.rows = []
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {**asdict(cfg), "experts": str(folder), "space": space, "fingerprint": fingerprint,
+                    "num_images": num_images(cfg, spec)}
+        if cfg.method == "speed":
+            scfg = speed_config(cfg, spec)
+            resolved.update(budget_floats=budget_floats(spec.num_classes, ipc, spec.channels, spec.resolution),
+                            storage_floats=storage_floats(scfg, spec.num_classes, spec.channels))
+        atomic_write_json(resolved, out / "config.json")
 
-    # Every random draw: the run generator (E/A init, pixel init, expert order, start epochs, batches, DSA); the
-    # global RNG (seeded here) only initialises FReeNet, whose init is not ours to rewrite.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.method == "speed":
-        params = SpeedCode(cfg, spec, dev, gen)
-    else:
-        labels_all = split.labels if split is not None else None
-        init = real_init(cfg, spec, split.images, labels_all, space_mapping(space, spec, zca_state), gen) \
-            if cfg.pix_init == "real" else torch.randn(num_images(cfg, spec), spec.channels, spec.resolution,
-                                                       spec.resolution, generator=gen)
-        params = PixelImages(cfg, spec, dev, init)
-    stream = ExpertStream(files, gen, load_all=cfg.load_all, max_files=cfg.max_files, max_experts=cfg.max_experts)
-    if state is not None:
-        params.load_state_dict(state.params)
-        gen.set_state(state.gen)
-        stream.load_state_dict(state.stream)
-    else:
-        state = RunState()
-    snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})
-    log.info(f"distill: {cfg.method.upper()} on {spec.name}, ipc {ipc} ({num_images(cfg, spec)} images), "
-             f"{cfg.model}, {cfg.iterations} iterations x {cfg.syn_steps} steps, batch {cfg.batch_syn or 'all'}, "
-             f"experts {folder} ({len(files)} files), space {space}, device {dev}")
+        # Every random draw: the run generator (E/A init, pixel init, expert order, start epochs, batches, DSA); the
+        # global RNG (seeded here) only initialises FReeNet, whose init is not ours to rewrite.
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.method == "speed":
+            params = SpeedCode(cfg, spec, dev, gen)
+        else:
+            labels_all = split.labels if split is not None else None
+            init = real_init(cfg, spec, split.images, labels_all, space_mapping(space, spec, zca_state), gen) \
+                if cfg.pix_init == "real" else torch.randn(num_images(cfg, spec), spec.channels, spec.resolution,
+                                                           spec.resolution, generator=gen)
+            params = PixelImages(cfg, spec, dev, init)
+        stream = ExpertStream(files, gen, load_all=cfg.load_all, max_files=cfg.max_files, max_experts=cfg.max_experts)
+        if state is not None:
+            params.load_state_dict(state.params)
+            gen.set_state(state.gen)
+            stream.load_state_dict(state.stream)
+        else:
+            state = RunState()
+        snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})
+        log.info(f"distill: {cfg.method.upper()} on {spec.name}, ipc {ipc} ({num_images(cfg, spec)} images), "
+                 f"{cfg.model}, {cfg.iterations} iterations x {cfg.syn_steps} steps, batch {cfg.batch_syn or 'all'}, "
+                 f"experts {folder} ({len(files)} files), space {space}, device {dev}")
 
-    def on_iter(st: RunState, fill) -> None:
-        last = st.it == cfg.iterations
-        if st.it in snaps:
-            fill()
-            save_synset(build_synset(cfg, spec, params, st.alpha, space, zca_state), out / "snapshots" / f"it{st.it}")
-        if st.it % ckpt_every == 0 or last or stop.requested:
-            fill()
-            atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
-        stop.check(f"checkpoint written after iteration {st.it} ({ckpt_path})")
-        if not quiet and (st.it % max(1, cfg.iterations // 50) == 0 or last):
-            h = st.history[-1]
-            log.info(f"  it {st.it}/{cfg.iterations}: match {h['match_loss']:.4f} reg {h['reg']:.4f} "
-                     f"lr {h['syn_lr']:.5f} ({h['seconds']:.2f}s)")
+        def on_iter(st: RunState, fill) -> None:
+            last = st.it == cfg.iterations
+            if st.it in snaps:
+                fill()
+                save_synset(build_synset(cfg, spec, params, st.alpha, space, zca_state),
+                            out / "snapshots" / f"it{st.it}")
+            if st.it % ckpt_every == 0 or last or stop.requested:
+                fill()
+                atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
+            stop.check(f"checkpoint written after iteration {st.it} ({ckpt_path})")
+            if not quiet and (st.it % max(1, cfg.iterations // 50) == 0 or last):
+                h = st.history[-1]
+                log.info(f"  it {st.it}/{cfg.iterations}: match {h['match_loss']:.4f} reg {h['reg']:.4f} "
+                         f"lr {h['syn_lr']:.5f} ({h['seconds']:.2f}s)")
 
-    if state.it < cfg.iterations:
-        with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the iteration in flight, exit 143
-            state = distill(cfg, spec, params, stream, gen, dev, log, state, on_iter)
-    alpha = state.alpha if state.alpha is not None else torch.tensor(cfg.lr_teacher)
-    syn = build_synset(cfg, spec, params, alpha, space, zca_state)
-    save_outputs(out, syn)
-    print(f"wrote {cfg.method} set: {len(syn.labels)} images ({len(syn.labels) // spec.num_classes}/class, budget "
-          f"ipc {ipc}), learned lr {float(alpha):.5f}, to {out}")
+        if state.it < cfg.iterations:
+            with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the iteration in flight, exit 143
+                state = distill(cfg, spec, params, stream, gen, dev, log, state, on_iter)
+        alpha = state.alpha if state.alpha is not None else torch.tensor(cfg.lr_teacher)
+        syn = build_synset(cfg, spec, params, alpha, space, zca_state)
+        save_outputs(out, syn)
+        print(f"wrote {cfg.method} set: {len(syn.labels)} images ({len(syn.labels) // spec.num_classes}/class, budget "
+              f"ipc {ipc}), learned lr {float(alpha):.5f}, to {out}")
 
 
 if __name__ == "__main__":

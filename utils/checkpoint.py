@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import random
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
 
 from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
@@ -60,3 +65,49 @@ def resume_or_start(out: str | Path, load: Callable[[Path], T], overwrite: bool,
         for name in run_files:
             (out / name).unlink(missing_ok=True)
     return None
+
+
+def capture_rng() -> dict:
+    """The process-wide random states (torch CPU, CUDA when present, numpy, python) as plain data, so a resume
+    checkpoint holding them stays readable with weights_only=True. Run-local generators (a stage's
+    torch.Generator, DSA's seed stream) are saved by the stage beside this."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "python": [py[0], list(py[1]), py[2]],
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what `capture_rng` returned (CUDA states only when this process has the same devices)."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Diverged(UserError):
+    """A loss or a learned rate became NaN/inf: the stage stops without overwriting its last good checkpoint."""
+
+
+def check_finite(value: float, where: str, lower: str, ckpt: str | Path | None = None) -> None:
+    """Raise `Diverged` when `value` is NaN or inf. `where` says when (e.g. "iteration 120"), `lower` which setting
+    to lower (e.g. "--lr-img"), `ckpt` the last good checkpoint that is kept (None: the run has none yet)."""
+    if math.isfinite(float(value)):
+        return
+    if ckpt is None:
+        kept = "the run's last checkpoint (if one was written) is kept"
+    elif Path(ckpt).exists():
+        kept = f"the last good checkpoint {ckpt} is kept"
+    else:
+        kept = "no checkpoint was written yet"
+    raise Diverged(f"the loss became {float(value)} at {where}; {kept}; lower {lower} and re-run "
+                   "(pass --overwrite to start afresh with the new value)")

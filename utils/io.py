@@ -6,12 +6,15 @@ killed job never leaves a half-written file under the final name. Every `torch.l
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -73,3 +76,29 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {what} {path}: corrupt or truncated ({first[:160]})") from None
+
+
+@contextmanager
+def run_lock(folder: str | Path, stage: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<folder>/.lock` while a stage writes `folder`, so a second process started on
+    the same output (a double-submitted job, a requeue racing its old copy) fails with one line instead of
+    interleaving its files. flock locks vanish with their process, so a SIGKILLed run never leaves a stale lock.
+    (flock is per host on most network file systems: two hosts are not excluded there.)"""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            raise UserError(f"{folder} is being written by another {stage} process ({holder}); wait for it to end "
+                            "or choose another output folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()   # closing releases the lock

@@ -72,6 +72,17 @@ class RunLog:
         os.replace(tmp, self.csv_path)
 
 
+def user_message(e: UserError) -> str:
+    """The one-line message of a UserError. A DataLoader worker's exception reaches the main process re-raised with
+    the worker's whole traceback as its message ("Caught UserError in DataLoader worker ...\nOriginal Traceback
+    ..."): keep only the original message, its last line."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(("utils.errors.UserError: ", "UserError: ")) else last
+    return " ".join(text.split("\n"))
+
+
 def cli_errors(fn: Callable) -> Callable:
     """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2; a stop request
     honoured at a safe point (utils.signals.Stopped) one line and exit status 143."""
@@ -80,7 +91,7 @@ def cli_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {user_message(e)}", file=sys.stderr)
             raise SystemExit(2)
         except Stopped as e:  # SIGTERM/SIGUSR1 honoured at a safe point (utils/signals.py)
             print(f"{e}", file=sys.stderr)
