@@ -19,7 +19,9 @@ Work units (§8.2): SRe2L/DWA: (ipc index, class block); DELT: a block of B cons
 class-major order. Each unit is seeded from (seed, method, its key), so the output does not depend on how the
 work is split: `--ipc-start/--ipc-end`, `--class-start/--class-end`, `--shard-index/--num-shards`, torchrun ranks
 or `sbatch --array` tasks all produce the same images. Units whose images exist are skipped (resume); each image is
-written atomically, so a killed job loses at most the units in flight.
+written atomically. The group in flight is checkpointed every `--ckpt-every` iterations and on SIGTERM/SIGUSR1 to
+`.units/group-<first unit key>.ckpt.pt` (pixels, Adam state, iteration, every RNG, DWA's perturbed weights), so a
+re-run of the same command continues mid-group and writes the same bytes as an uninterrupted run (CPU, one thread).
 
 Speed (§9.3): units with the same shape are recovered together in one teacher forward (`--group`), with the BN
 statistics computed per unit, so each unit's gradient is that of a separate run; teacher parameters are frozen
@@ -44,6 +46,7 @@ from PIL import Image
 from torch import nn
 
 from utils.augment import crop_resize_box, flip_mask, rrc_boxes
+from utils.checkpoint import capture_rng, check_finite, load_state, restore_rng, save_state, settings_fingerprint
 from utils.datasets import IMAGE_SUFFIXES
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
@@ -140,12 +143,16 @@ def resolve_config(preset: str | None, overrides: dict, ipc: int) -> RecoverConf
     return cfg
 
 
+LR_MAX = float(torch.finfo(torch.float32).max) / 2
+
+
 def check_config(cfg: RecoverConfig) -> None:
     checks = [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'"),
         (cfg.iterations >= 1, "--iterations must be >= 1"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number"),
+        # Adam's first step is 2 x lr and must fit a float32 (beyond that torch fails with a traceback)
+        (0 < cfg.lr <= LR_MAX, f"--lr must be a positive number no larger than {LR_MAX:.3g}"),
         (0 < cfg.crop_min <= cfg.crop_max <= 1, "crop scale must satisfy 0 < min <= max <= 1"),
         (cfg.jitter >= 0, "--jitter must be >= 0"),
         (cfg.jitter_mode in ("positive", "symmetric"), "--jitter-mode must be positive or symmetric"),
@@ -541,19 +548,77 @@ class SavedWeights:
 class GroupResult:
     images: torch.Tensor                  # [G*n, C, R, R], normalised space, final iterate
     log: list[dict]
+    seconds: float = 0.0                  # optimisation time, including the runs before a resume
+
+
+CKPT_FORMAT = "ddtoolkit-recover-group-ckpt-1"
+
+
+@dataclass
+class GroupState:
+    """Everything `recover_group` needs to continue a group after iteration `it` exactly as if it had not
+    stopped, as plain data (tensors, lists, dicts) so the file loads with weights_only=True. The DELT round and
+    the crop floor are functions of `it` (the rounds are part of the units), and so is the cosine lr."""
+    units: list          # _unit_rows() of the group it was written for
+    it: int              # iterations done
+    x: torch.Tensor      # [G, n, C, R, R] pixels after iteration it - 1, clipped
+    opt: dict            # Adam state_dict: both moments and the step count
+    generators: list     # each unit's torch.Generator state: the augmentation draws still to come
+    rng: dict            # utils.checkpoint.capture_rng(): nothing here draws from it today, kept for safety
+    perturbed: list | None   # DWA: the teacher's parameters after the t = 0 ascent (recomputing them would
+    #                          depend on the ascent's kernels being deterministic, which GPU convolutions are not)
+    log: list            # log rows so far
+    seconds: float       # optimisation time so far
+
+
+@dataclass(frozen=True)
+class GroupCheckpoint:
+    """Where `recover_group` writes the group's state: every `every` iterations (0: never) and on a stop."""
+    path: Path
+    fingerprint: str
+    every: int
+
+
+def group_ckpt_path(out: Path, key: str) -> Path:
+    return out / ".units" / f"group-{key}.ckpt.pt"
+
+
+def _unit_rows(units: list[Unit]) -> list:
+    """The units of a group as nested lists, to check that a checkpoint belongs to this very group."""
+    return [[u.key, list(u.classes), list(u.indices), [list(a) for a in u.active], u.round_len] for u in units]
+
+
+def _cpu(obj):
+    """A (nested) state dict with its tensors on the CPU, so a checkpoint written on a GPU loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
                   device: torch.device, amp: bool = False, channels_last: bool = False, log_every: int = 100,
-                  progress_desc: str | None = None, stop: StopRequest | None = None) -> GroupResult:
+                  progress_desc: str | None = None, stop: StopRequest | None = None,
+                  ckpt: GroupCheckpoint | None = None, resume: GroupState | None = None) -> GroupResult:
     """Optimise the images of G same-shaped units together (§3.1, §4.2, §5.3, §9.3). Each unit has its own
     generator (init noise and augmentation draws), its own BN statistics and its own CE mean, so its pixels get
-    exactly the gradient of a separate run."""
+    exactly the gradient of a separate run.
+
+    With `ckpt`, the group's state is saved every `ckpt.every` iterations and, on a stop request, after the
+    iteration in flight (then `Stopped` is raised); `resume` continues from such a state."""
     G, n = len(units), len(units[0].classes)
     if cfg.method == "dwa" and G > 1:
         raise ValueError("DWA units carry their own perturbed weights; recover them one at a time")
     gens = [torch.Generator().manual_seed(unit_seed(cfg.seed, cfg.method, u.key)) for u in units]
-    x0 = torch.stack([initial_images(u, cfg, teacher, init, g) for u, g in zip(units, gens)])  # [G, n, C, R, R]
+    if resume is None:
+        x0 = torch.stack([initial_images(u, cfg, teacher, init, g) for u, g in zip(units, gens)])  # [G, n, C, R, R]
+    else:
+        for g, state in zip(gens, resume.generators):
+            g.set_state(state)
+        x0 = resume.x
     x = x0.to(device).requires_grad_(True)
     y = torch.tensor([u.classes for u in units], device=device)                               # [G, n]
     active = torch.tensor(units[0].active, device=device)                                     # [rounds, n]
@@ -565,15 +630,22 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
     hooks = BNStatHooks(net, cfg.first_bn_multiplier, cfg.r_var, cfg.bn_loss_norm)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
     saved = SavedWeights(net) if cfg.method == "dwa" else None
-    log = []
-    steps = range(T)
+    log, start, seconds_before = [], 0, 0.0
+    if resume is not None:
+        opt.load_state_dict(resume.opt)
+        restore_rng(resume.rng)
+        log, start, seconds_before = list(resume.log), resume.it, resume.seconds
+    t_start = time.time()
+    steps = range(start, T)
     if progress_desc:
-        steps = progress(steps, total=T, desc=progress_desc)
+        steps = progress(steps, total=T - start, desc=progress_desc)
     try:
+        if saved is not None and resume is not None:
+            # DWA past t = 0: the ascent is not redone; the weights it produced come back bit for bit
+            with torch.no_grad():
+                for p, q in zip(net.parameters(), resume.perturbed):
+                    p.copy_(q)
         for t in steps:
-            if stop is not None and stop.requested:   # the group in flight is dropped; finished units are on disk
-                raise Stopped(f"stopped by {stop.name} in unit {units[0].key}; every finished unit is on disk; "
-                              "re-run the same command to continue")
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, t, T)
             s_min = crop_floor(cfg.crop_schedule, t, T, cfg.milestone, cfg.crop_min)
@@ -607,9 +679,9 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
                     loss_u[g_i] = loss_u[g_i] + cfg.tv_l2 * tv_l2_prior(xv[g_i]) + cfg.l2_scale * torch.linalg.\
                         vector_norm(xv[g_i].flatten(1), dim=1).mean()
             loss = loss_u.sum()
-            if not torch.isfinite(loss):
-                raise UserError(f"recover loss became {loss.item()} at iteration {t} of unit {units[0].key}; "
-                                f"lower --lr (now {cfg.lr}) or --r-bn (now {cfg.r_bn})")
+            # before the step: the last checkpoint (if any) still holds the state that gave a finite loss
+            check_finite(float(loss.detach()), f"iteration {t} of unit {units[0].key}",
+                         f"--lr (now {cfg.lr}) or --r-bn (now {cfg.r_bn})", ckpt.path if ckpt else None)
             if not (saved is not None and t == 0 and cfg.reference_quirks):
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -619,11 +691,25 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
             if t % log_every == 0 or t == T - 1:
                 log.append({"iteration": t, "loss": float(loss_u.detach().mean()), "ce": float(ce.detach().mean()),
                             "bn": float(bn.detach().mean()), "active": len(pos)})
+            done = t + 1
+            stopping = stop is not None and stop.requested and done < T   # a finished group is written instead
+            if ckpt is not None and done < T and (stopping or (ckpt.every and done % ckpt.every == 0)):
+                state = GroupState(
+                    units=_unit_rows(units), it=done, x=x.detach().cpu(), opt=_cpu(opt.state_dict()),
+                    generators=[g.get_state() for g in gens], rng=capture_rng(),
+                    perturbed=[p.detach().cpu() for p in net.parameters()] if saved is not None else None,
+                    log=log, seconds=seconds_before + time.time() - t_start)
+                save_state(state, ckpt.path, CKPT_FORMAT, ckpt.fingerprint)
+            if stopping:
+                kept = (f"checkpoint written after iteration {done} of {T} ({ckpt.path})" if ckpt is not None
+                        else "the group in flight is dropped")
+                raise Stopped(f"stopped by {stop.name} in unit {units[0].key}; {kept}; every finished unit is on "
+                              "disk; re-run the same command to continue")
     finally:
         hooks.remove()
         if saved is not None:
             saved.restore()
-    return GroupResult(x.detach().reshape(G * n, *x.shape[2:]).cpu(), log)
+    return GroupResult(x.detach().reshape(G * n, *x.shape[2:]).cpu(), log, seconds_before + time.time() - t_start)
 
 
 def _leak_ascent_gradients(net: nn.Module, view: torch.Tensor, y: torch.Tensor, steps: int, rho: float) -> None:
@@ -729,8 +815,12 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
             class_range: tuple[int, int] | None = None, ipc_total: int | None = None, init_path: Path | None = None,
             group: int = 0, shard_index: int = 0, num_shards: int = 1, device: torch.device = torch.device("cpu"),
             amp: bool = False, channels_last: bool = False, quiet: bool = False, log_every: int = 100,
-            overwrite: bool = False, draw_grid: bool = True) -> dict:
-    """Recover this shard's units into `out`; returns a summary. Safe to re-run: finished units are skipped."""
+            overwrite: bool = False, draw_grid: bool = True, ckpt_every: int = 100) -> dict:
+    """Recover this shard's units into `out`; returns a summary. Safe to re-run: finished units are skipped and
+    a group stopped mid-way continues from its checkpoint (written every `ckpt_every` iterations, 0: only when
+    stopped by SIGTERM/SIGUSR1)."""
+    if ckpt_every < 0:
+        raise UserError("--ckpt-every must be >= 0 (0: checkpoint only when stopped by SIGTERM/SIGUSR1)")
     class_range = class_range or (0, teacher.num_classes)
     ipc_total = ipc_total or ipc_range[1]
     out = Path(out)
@@ -750,11 +840,19 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
     if shard_index == 0 or not (out / "meta.json").is_file():
         atomic_write_json(meta, out / "meta.json")
     suffix = "" if num_shards == 1 else f"_shard{shard_index}of{num_shards}"
-    log = RunLog(out / f"log{suffix}.csv", quiet=quiet)
+    # resume=True keeps the rows of the groups an interrupted run finished (and a resumed group's rows come back
+    # from its checkpoint), so log.csv ends up the same as an uninterrupted run's
+    log = RunLog(out / f"log{suffix}.csv", quiet=quiet, resume=True)
+    fingerprint = group_fingerprint(cfg, teacher, init_path)
     teacher.net.to(device)
     if channels_last:
         teacher.net.to(memory_format=torch.channels_last)
-    todo = [g for g in mine if not all(unit_done(out, u, cfg.image_format) for u in g)]
+    todo = []
+    for g in mine:
+        if not all(unit_done(out, u, cfg.image_format) for u in g):
+            todo.append(g)
+        else:   # a run killed after writing the group's images but before removing its checkpoint left it
+            group_ckpt_path(out, g[0].key).unlink(missing_ok=True)
     log.info(f"recover {cfg.method}: {len(units)} units in {len(groups)} groups; shard {shard_index}/{num_shards} "
              f"has {len(mine)} groups, {len(mine) - len(todo)} already done")
     done_images = 0
@@ -762,7 +860,7 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
     with StopRequest() as stop:
         for g in progress(todo, total=len(todo), desc="groups", disable=quiet or len(todo) < 2):
             done_images += _recover_and_write(g, cfg, teacher, init, device, amp, channels_last, log_every, quiet,
-                                              out, log, stop)
+                                              out, log, stop, fingerprint, ckpt_every, overwrite)
             stop.check("every finished unit is on disk")
     elapsed = time.time() - start
     if draw_grid:
@@ -773,21 +871,79 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
 
 def _recover_and_write(g: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
                        device: torch.device, amp: bool, channels_last: bool, log_every: int, quiet: bool, out: Path,
-                       log: RunLog, stop: StopRequest) -> int:
-    """Recover one group and write its units that are not on disk yet; returns the images recovered."""
-    t0 = time.time()
+                       log: RunLog, stop: StopRequest, fingerprint: str = "", ckpt_every: int = 0,
+                       overwrite: bool = False) -> int:
+    """Recover one group (continuing from its checkpoint if there is one) and write its units that are not on
+    disk yet; returns the images recovered. The checkpoint goes once the images and manifests are written."""
+    ckpt = GroupCheckpoint(group_ckpt_path(out, g[0].key), fingerprint, ckpt_every)
+    resume = load_group_state(g, cfg, teacher, out, fingerprint, overwrite, log)
+    if resume is not None:
+        log.info(f"resuming {g[0].key} (+{len(g) - 1}) at iteration {resume.it}/{g[0].iterations} from {ckpt.path}")
     res = recover_group(g, cfg, teacher, init, device, amp, channels_last, log_every,
-                        progress_desc=None if quiet else f"{g[0].key} (+{len(g) - 1})", stop=stop)
+                        progress_desc=None if quiet else f"{g[0].key} (+{len(g) - 1})", stop=stop, ckpt=ckpt,
+                        resume=resume)
     n = len(g[0].classes)
     for j, u in enumerate(g):
         if unit_done(out, u, cfg.image_format):  # recomputed only as part of its group: keep the file
             continue
         write_unit(out, u, res.images[j * n:(j + 1) * n], cfg, teacher,
                    {"seed": unit_seed(cfg.seed, cfg.method, u.key), "group": [v.key for v in g],
-                    "seconds": time.time() - t0})
+                    "seconds": res.seconds})
     for row in res.log:
         log.row(group=g[0].key, units=len(g), **row)
+    ckpt.path.unlink(missing_ok=True)
+    # a SIGKILL during a checkpoint write leaves utils.io's temporary file (".<name>.<random>.tmp") behind
+    for tmp in ckpt.path.parent.glob(f".{ckpt.path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     return len(g) * n
+
+
+def load_group_state(g: list[Unit], cfg: RecoverConfig, teacher: Teacher, out: Path, fingerprint: str,
+                     overwrite: bool, log: RunLog) -> GroupState | None:
+    """The checkpoint of group `g` if one was left by an interrupted run, else None. A checkpoint of other
+    settings, or of another grouping of these units (another --group), is refused with one line; --overwrite
+    removes it and the group starts afresh."""
+    first = group_ckpt_path(out, g[0].key)
+    # a checkpoint named after a later unit of this group was written by a run that grouped the units otherwise
+    strays = [p for p in (group_ckpt_path(out, u.key) for u in g[1:]) if p.is_file()]
+    if not first.is_file() and not strays:
+        return None
+    try:
+        if strays:
+            raise UserError(f"{strays[0]} was written for another grouping of the units (another --group); re-run "
+                            "with that run's --group, or pass --overwrite to drop it")
+        state = load_state(first, GroupState, CKPT_FORMAT, fingerprint, "recover.py group")
+        if state.units != _unit_rows(g):
+            raise UserError(f"{first} was written for another grouping of the units (another --group); re-run "
+                            "with that run's --group, or pass --overwrite to drop it")
+        n_params = len(list(teacher.net.parameters()))
+        if not (0 < state.it < g[0].iterations and len(state.generators) == len(g)
+                and (cfg.method != "dwa" or (state.perturbed is not None and len(state.perturbed) == n_params))):
+            raise UserError(f"{first} is inconsistent with its group; pass --overwrite to drop it")
+    except UserError:
+        if not overwrite:
+            raise
+        for p in [first, *strays]:
+            p.unlink(missing_ok=True)
+        log.info(f"--overwrite: removed the group checkpoint(s) of another run for {g[0].key}")
+        return None
+    return state
+
+
+def teacher_digest(teacher: Teacher) -> str:
+    """A hash of the teacher's weights and BN statistics: a group checkpoint is only valid for the same teacher."""
+    h = hashlib.sha1()
+    for name, t in teacher.net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def group_fingerprint(cfg: RecoverConfig, teacher: Teacher, init_path: Path | None) -> str:
+    """Fingerprint of what decides a group's images besides its units: the settings, the teacher's weights and the
+    real images it starts from."""
+    return settings_fingerprint({"config": asdict(cfg), "teacher": teacher_digest(teacher),
+                                 "init_path": str(Path(init_path).resolve()) if cfg.init == "real" else None})
 
 
 def draw_grid_if_complete(out: Path, units: list[Unit], teacher: Teacher, fmt: str) -> bool:
@@ -922,7 +1078,12 @@ def main(
     channels_last: bool = _O(True, "--channels-last/--no-channels-last", help="channels_last memory format for "
                              "the teacher and the augmented batch (faster on GPU and on CPU for ConvNets)."),
     log_every: int = _O(100, "--log-every", help="Log loss terms every N iterations."),
-    overwrite: bool = _O(False, "--overwrite", help="Replace a different run's images in --out."),
+    ckpt_every: int = _O(100, "--ckpt-every", help="Checkpoint the group in flight every N of its iterations to "
+                         ".units/group-<unit>.ckpt.pt (0: only when stopped by SIGTERM/SIGUSR1, which always "
+                         "writes one); re-running the same command continues from it with the same result. "
+                         "Removed once the group's images are written."),
+    overwrite: bool = _O(False, "--overwrite", help="Replace a different run's images in --out, and drop a group "
+                         "checkpoint written with other settings or another --group."),
     quiet: bool = _O(False, "--quiet", help="No progress bars."),
     store_best_images: bool = _O(True, "--store-best-images/--no-store-best-images", hidden=True,
                                  help="Accepted for the references' command lines; images are always stored."),
@@ -961,7 +1122,7 @@ def main(
                       class_range=_range(class_range, "--class-range"), ipc_total=ipc_total, init_path=init_path,
                       group=group, shard_index=index, num_shards=count, device=dev, amp=amp,
                       channels_last=channels_last, quiet=quiet,
-                      log_every=log_every, overwrite=overwrite, draw_grid=not info.enabled)
+                      log_every=log_every, overwrite=overwrite, draw_grid=not info.enabled, ckpt_every=ckpt_every)
     barrier(info)
     if info.enabled and info.is_main:  # after every rank has finished, one process draws the whole set's grid
         units = plan_units(cfg, teacher.num_classes, (ipc_start, ipc_end),

@@ -17,9 +17,9 @@ run() { "$PY" recover.py --teacher "$W/teacher.pt" --method dwa --init-path "$W/
           --out "$1" --quiet; }
 run "$W/straight"
 run "$W/killed" & pid=$!
-while [ "$(ls "$W/killed/.units" 2>/dev/null | wc -l)" -lt 2 ]; do sleep 0.2; done
+while [ "$(find "$W/killed/.units" -name '*.json' 2>/dev/null | wc -l)" -lt 2 ]; do sleep 0.2; done
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
-echo "killed after $(ls "$W/killed/.units" | wc -l) of 6 units; $(find "$W/killed" -name '*.jpg' | wc -l) images on disk"
+echo "killed after $(find "$W/killed/.units" -name '*.json' | wc -l) of 6 units; $(find "$W/killed" -name '*.jpg' | wc -l) images on disk"
 run "$W/killed"
 if diff -r "$W/straight" "$W/killed" -x '*.csv' -x '.units' -x 'meta.json' -x grid.png > /dev/null; then
   echo "resumed images byte-identical to the uninterrupted run: True ($(find "$W/killed" -name '*.jpg' | wc -l) images)"
