@@ -8,47 +8,48 @@
 # validate.py --preset idc with 200 (IPC 1) / 50 (IPC 10) epochs, 3 seeds, 200 (100) test images per class.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/lib/parallel.sh
 OUT="${1:-runs/idc_cpu}"
 PY="${PYTHON:-python}"
 CIFAR="${CIFAR_PATH:-../shared/data/cifar10}"
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 
-data_args() { if [ "$1" = FashionMNIST ]; then echo "--data-path data"; else echo "--data-path $CIFAR"; fi; }
-lr_args() { if [ "$1" = FashionMNIST ]; then echo "--lr-img 1e-3"; else echo "--lr-img 1e-2"; fi; }
+# dataset -> DATA_ARGS and LR_ARGS (arrays, so that a data path with spaces stays one argument)
+data_args() { if [ "$1" = FashionMNIST ]; then DATA_ARGS=(--data-path data); else DATA_ARGS=(--data-path "$CIFAR"); fi; }
+lr_args() { if [ "$1" = FashionMNIST ]; then LR_ARGS=(--lr-img 1e-3); else LR_ARGS=(--lr-img 1e-2); fi; }
 
-condense_cmd() {  # dataset ipc method
-  local ds="$1" ipc="$2" m="$3" outer=25 snaps="0,10,25" extra=""
+condense() {  # dataset ipc method
+  local ds="$1" ipc="$2" m="$3" outer=25 snaps="0,10,25" extra=()
   [ "$ipc" = 10 ] && outer=15 && snaps="0,15"
-  [ "$m" = dream ] && extra="--dream --batch-real 16"
-  echo "$PY condense.py -d $ds $(data_args "$ds") --ipc $ipc -f 2 --reproduce --train-subset 100 \
---outer-iterations $outer --inner-loop 5 --batch-real 16 --n-data 64 $(lr_args "$ds") $extra --seed 0 \
---snapshots $snaps --out '$OUT/${m}_${ds}_ipc${ipc}' --quiet > '$OUT/${m}_${ds}_ipc${ipc}.log' 2>&1"
+  [ "$m" = dream ] && extra=(--dream --batch-real 16)
+  data_args "$ds"
+  lr_args "$ds"
+  par_run "$OUT/${m}_${ds}_ipc${ipc}.log" "$PY" condense.py -d "$ds" "${DATA_ARGS[@]}" --ipc "$ipc" -f 2 --reproduce \
+    --train-subset 100 --outer-iterations "$outer" --inner-loop 5 --batch-real 16 --n-data 64 "${LR_ARGS[@]}" \
+    "${extra[@]}" --seed 0 --snapshots "$snaps" --out "$OUT/${m}_${ds}_ipc${ipc}" --quiet
 }
 
-validate_cmd() {  # dataset syn-dir results-name ipc extra-args
-  local ds="$1" syn="$2" res="$3" ipc="$4"; shift 4
+validate() {  # dataset syn-dir results-name ipc [more validate.py arguments]
+  local ds="$1" syn="$2" res="$3" ipc="$4"
+  shift 4
   local ep=200 tpc=200
   [ "$ipc" = 10 ] && ep=50 && tpc=100
-  echo "$PY validate.py --syn '$syn' --preset idc --epochs $ep --runs 3 --seed 0 --train-subset 100 \
---test-per-class $tpc $(data_args "$ds") $* --results '$OUT/$res.json' --quiet \
-> '$OUT/$res.log' 2>&1"
+  data_args "$ds"
+  par_run "$OUT/$res.log" "$PY" validate.py --syn "$syn" --preset idc --epochs "$ep" --runs 3 --seed 0 \
+    --train-subset 100 --test-per-class "$tpc" "${DATA_ARGS[@]}" "$@" --results "$OUT/$res.json" --quiet
 }
 
 # phase 1: condensation (longest first)
-{
-  for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense_cmd $ds 10 $m; done; done
-  for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense_cmd $ds 1 $m; done; done
-} > "$OUT/phase1.txt"
-xargs -P 2 -I{} bash -c {} < "$OUT/phase1.txt"
+for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense "$ds" 10 "$m"; done; done
+for ds in FashionMNIST CIFAR10; do for m in idc dream; do condense "$ds" 1 "$m"; done; done
+par_wait
 
 # phase 2: validation of the final sets (+ random and herding with the IDC call); the accuracy-vs-iteration curve
 # is scripts/idc/cpu_curve.sh
-{
-  for ipc in 10 1; do for ds in FashionMNIST CIFAR10; do
-    validate_cmd $ds "$OUT/idc_${ds}_ipc${ipc}" "val_idc_${ds}_ipc${ipc}" $ipc --baseline random --baseline herding
-    validate_cmd $ds "$OUT/dream_${ds}_ipc${ipc}" "val_dream_${ds}_ipc${ipc}" $ipc
-  done; done
-} > "$OUT/phase2.txt"
-xargs -P 2 -I{} bash -c {} < "$OUT/phase2.txt"
+for ipc in 10 1; do for ds in FashionMNIST CIFAR10; do
+  validate "$ds" "$OUT/idc_${ds}_ipc${ipc}" "val_idc_${ds}_ipc${ipc}" "$ipc" --baseline random --baseline herding
+  validate "$ds" "$OUT/dream_${ds}_ipc${ipc}" "val_dream_${ds}_ipc${ipc}" "$ipc"
+done; done
+par_wait
 echo "done: $OUT"

@@ -17,48 +17,52 @@
 # - validation: 300 epochs of the method's protocol (x0.1 after epoch 150), 2000 test images (200 per class).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/lib/parallel.sh
 PY="${PYTHON:-python}"
 OUT="${OUT:-runs/cpu_speed}"
 ITERS="${ITERS:-300}"
 JOBS="${JOBS:-2}"
-SPEED_EXTRA="${SPEED_EXTRA:-}"
+SPEED_EXTRA="${SPEED_EXTRA:-}"   # more distill.py arguments for the SPEED rows, separated by blanks
 export OMP_NUM_THREADS=1
 NET=ConvNet-3-w32
 
-data_args() {  # dataset key -> distill/validate dataset arguments
+data_args() {  # dataset key -> DATA_ARGS, the distill/validate dataset arguments (an array: paths may hold spaces)
   case "$1" in
-    fmnist) echo "--dataset FashionMNIST --data-path ${FMNIST:-data}" ;;
-    cifar10) echo "--dataset CIFAR10 --data-path ${CIFAR:-../shared/data/cifar10}" ;;
+    fmnist) DATA_ARGS=(--dataset FashionMNIST --data-path "${FMNIST:-data}") ;;
+    cifar10) DATA_ARGS=(--dataset CIFAR10 --data-path "${CIFAR:-../shared/data/cifar10}") ;;
+    *) echo "unknown dataset '$1' (fmnist or cifar10)" >&2; exit 2 ;;
   esac
 }
 
 buffers() {
+  local d zca
   for d in fmnist cifar10; do
-    zca=""; [ "$d" = cifar10 ] && zca="--zca"
-    # shellcheck disable=SC2046
-    "$PY" buffer.py $(data_args "$d") $zca --model "$NET" --train-subset 1000 --num-experts 5 --train-epochs 15 \
-      --save-interval 5 --test-per-class 100 --eval-every 5 --buffer-path "$OUT/buffers" --quiet
+    zca=(); [ "$d" = cifar10 ] && zca=(--zca)
+    data_args "$d"
+    "$PY" buffer.py "${DATA_ARGS[@]}" "${zca[@]}" --model "$NET" --train-subset 1000 --num-experts 5 \
+      --train-epochs 15 --save-interval 5 --test-per-class 100 --eval-every 5 --buffer-path "$OUT/buffers" --quiet
   done
 }
 
 one() {  # dataset method ipc; method: mtt, speed (the reference) or speed-tk (speed with --topk-from ITERS/2)
-  local d="$1" m="$2" ipc="$3" zca="" batch=50 extra="" method="$2"
-  [ "$d" = cifar10 ] && zca="--zca"
+  local d="$1" m="$2" ipc="$3" zca=() batch=50 extra=() method="$2" speed_extra=()
+  # SPEED_EXTRA is split at blanks (newlines included) into separate arguments, without glob expansion
+  read -r -d '' -a speed_extra <<< "$SPEED_EXTRA" || true
+  [ "$d" = cifar10 ] && zca=(--zca)
   [ "$ipc" = 1 ] && batch=32
   if [ "$m" = mtt ]; then
-    extra="--lr-img 100"; [ "$d" = cifar10 ] && extra="--lr-img 1000"
+    extra=(--lr-img 100); [ "$d" = cifar10 ] && extra=(--lr-img 1000)
   elif [ "$m" = speed-tk ]; then
-    method=speed; extra="--topk-from $((ITERS / 2)) $SPEED_EXTRA"
+    method=speed; extra=(--topk-from "$((ITERS / 2))" "${speed_extra[@]}")
   else
-    extra="$SPEED_EXTRA"
+    extra=("${speed_extra[@]}")
   fi
   local set="$OUT/$d/${m}_ipc$ipc"
-  # shellcheck disable=SC2046,SC2086
-  "$PY" distill.py $(data_args "$d") $zca --method "$method" --ipc "$ipc" --model "$NET" --buffer-path "$OUT/buffers" \
-    --iterations "$ITERS" --syn-steps 15 --max-start-epoch 10 --batch-syn "$batch" --lr-lr 1e-7 $extra \
-    --seed 0 --ckpt-every 25 --out "$set" --quiet
-  # shellcheck disable=SC2046
-  "$PY" validate.py --syn "$set" $(data_args "$d") --preset "$method" --model "$NET" --epochs 300 --runs 3 --seed 0 \
+  data_args "$d"
+  "$PY" distill.py "${DATA_ARGS[@]}" "${zca[@]}" --method "$method" --ipc "$ipc" --model "$NET" \
+    --buffer-path "$OUT/buffers" --iterations "$ITERS" --syn-steps 15 --max-start-epoch 10 --batch-syn "$batch" \
+    --lr-lr 1e-7 "${extra[@]}" --seed 0 --ckpt-every 25 --out "$set" --quiet
+  "$PY" validate.py --syn "$set" "${DATA_ARGS[@]}" --preset "$method" --model "$NET" --epochs 300 --runs 3 --seed 0 \
     --baseline random --test-per-class 200 --quiet
 }
 
@@ -67,10 +71,13 @@ case "${1:-all}" in
   one) shift; one "$@" ;;
   all)
     buffers
-    printf '%s\n' "fmnist speed-tk 1" "cifar10 speed-tk 1" "fmnist speed 1" "cifar10 speed 1" "fmnist mtt 1" \
-      "cifar10 mtt 1" "fmnist speed-tk 10" "cifar10 speed-tk 10" "fmnist speed 10" "cifar10 speed 10" \
-      "fmnist mtt 10" "cifar10 mtt 10" |
-      xargs -P "$JOBS" -L 1 bash "$0" one
+    # the 12 rows, JOBS at a time, in this order: IPC 1 before 10, speed-tk, speed, mtt, Fashion-MNIST first;
+    # their output goes to the terminal as before
+    PAR_JOBS="$JOBS"
+    for ipc in 1 10; do for m in speed-tk speed mtt; do for d in fmnist cifar10; do
+      par_run - one "$d" "$m" "$ipc"
+    done; done; done
+    par_wait
     ;;
   *) echo "usage: $0 [all|buffers|one DATASET METHOD IPC]" >&2; exit 2 ;;
 esac
