@@ -17,8 +17,16 @@ on the training images, so distillation works in the same space) and `log.csv` (
 Expert i is seeded from (--seed, i) alone, never the clock (the reference reseeds from wall time): its network
 initialisation from one derived seed, its batch order and augmentation from a torch.Generator seeded with another.
 So a run can be stopped at any time and the same command continues it: finished files are kept, finished experts
-of the unfinished file wait in `partial.pt` (rewritten after each expert), and the result is identical to an
-uninterrupted run. Re-running with a larger --num-experts adds experts to the same folder.
+of the unfinished file wait in `partial.pt` (rewritten after each expert), and the expert in training is checkpointed
+every --ckpt-every epochs into `expert_ckpt.pt` (network, optimiser, trajectory so far, epoch, its generator and the
+global RNG states, its log rows; deleted once the expert is saved). A re-run continues that expert from its last
+checkpointed epoch, and the buffer files are bitwise those of an uninterrupted run (on CPU, same thread count).
+SIGTERM/SIGUSR1 write that checkpoint after the epoch in flight and end the run with exit status 143. A folder that
+already holds --num-experts experts of these settings is reported complete at once, without reading the dataset.
+Re-running with a larger --num-experts adds experts to the same folder.
+
+A NaN/inf training loss (an absurd --lr-teacher) stops the run with one line naming --lr-teacher; the last expert
+checkpoint and every finished expert stay on disk.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +44,7 @@ import typer
 
 from networks import get_network
 from networks.registry import canonical_name
+from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
@@ -47,9 +57,11 @@ from utils.trajectory import (buffer_files, buffer_index, check_trajectories, ex
 
 META_FORMAT = "ddtoolkit-buffer-1"
 PARTIAL_FORMAT = "ddtoolkit-buffer-partial-1"
+EXPERT_CKPT_FORMAT = "ddtoolkit-buffer-expert-ckpt-1"
+EXPERT_CKPT = "expert_ckpt.pt"
 ZCA_EPS = 0.1          # speed.md §1.2
 EVAL_BATCH = 128       # speed.md §1.5: the test set is evaluated in batches of 128
-OUR_FILES = ("buffer_meta.json", "config.json", "zca.pt", "log.csv", "partial.pt")
+OUR_FILES = ("buffer_meta.json", "config.json", "zca.pt", "log.csv", "partial.pt", EXPERT_CKPT)
 
 
 def default_model(resolution: int) -> str:
@@ -96,17 +108,36 @@ def map_to_training_space(spec: DatasetSpec, train_images: torch.Tensor, test_im
     return normalize(train, spec.mean, spec.std), normalize(test, spec.mean, spec.std), None
 
 
+def _to_cpu(obj):
+    """`obj` (nested dicts/lists of tensors, as in an optimiser's state_dict) with every tensor as a CPU copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, *,
                  generator: torch.Generator, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
                  batch_size: int = 256, dsa: DSA | None = None, batch_standardize: bool = True,
                  device: torch.device = torch.device("cpu"), test: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 eval_every: int = 1, on_epoch: Callable[[dict], None] | None = None, desc: str = "expert"
-                 ) -> list[list[torch.Tensor]]:
+                 eval_every: int = 1, on_epoch: Callable[[dict], None] | None = None, desc: str = "expert",
+                 resume: dict | None = None,
+                 after_epoch: Callable[[int, Callable[[], dict]], None] | None = None,
+                 last_good: Path | None = None) -> list[list[torch.Tensor]]:
     """Train `net` in place as one expert (speed.md §1.5) and return its trajectory: `epochs + 1` snapshots, the
     first taken before training. `images` are already in the input space; batch order and DSA draw from
     `generator`. With `batch_standardize` every batch is standardised (one scalar mean/std) before augmentation,
     as SPEED does, test batches too. `test` (images, labels) is evaluated every `eval_every` epochs and after the
-    last one, for the log only; `on_epoch` receives {epoch, train_loss, train_acc, test_acc (None if not run)}."""
+    last one, for the log only; `on_epoch` receives {epoch, train_loss, train_acc, test_acc (None if not run)}.
+
+    Resume: after every epoch (and after `on_epoch`), `after_epoch(epoch, state)` is called, where `state()` returns
+    the training state as plain data ({epoch, model, optimizer, trajectory, generator, rng}); the caller decides
+    whether to write it (and may stop there). Passing such a dict as `resume` continues after its epoch exactly as
+    the uninterrupted run would: `net` must be freshly built for the same expert, `generator` seeded the same.
+    A NaN/inf loss raises utils.checkpoint.Diverged naming --lr-teacher; `last_good` is the checkpoint it keeps."""
     if not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr-teacher must be a positive number, got {lr}")
     net.to(device)
@@ -114,7 +145,22 @@ def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     n = len(labels)
     bs = max(1, min(batch_size, n))
     trajectory = [snapshot(net)]
-    for epoch in progress(range(1, epochs + 1), total=epochs, desc=desc):
+    first = 1
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        trajectory = list(resume["trajectory"])
+        generator.set_state(resume["generator"])
+        # the global RNG as it was after that epoch (nothing here draws from it today; a network with dropout would)
+        restore_rng(resume["rng"])
+        first = int(resume["epoch"]) + 1
+
+    def state() -> dict:
+        return {"epoch": len(trajectory) - 1, "model": _to_cpu(net.state_dict()),
+                "optimizer": _to_cpu(opt.state_dict()), "trajectory": list(trajectory),
+                "generator": generator.get_state(), "rng": capture_rng()}
+
+    for epoch in progress(range(first, epochs + 1), total=epochs + 1 - first, desc=desc):
         net.train()
         order = torch.randperm(n, generator=generator).to(images.device)
         loss_sum, correct = 0.0, 0
@@ -134,16 +180,65 @@ def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == y).sum().item()
         train_loss = loss_sum / n
-        if not math.isfinite(train_loss):
-            raise UserError(f"expert training loss became {train_loss} at epoch {epoch}; lower --lr-teacher "
-                            f"(now {lr})")
+        check_finite(train_loss, f"{desc}, epoch {epoch}", f"--lr-teacher (now {lr:g})", last_good)
         trajectory.append(snapshot(net))
         test_acc = None
         if test is not None and eval_every > 0 and (epoch % eval_every == 0 or epoch == epochs):
             test_acc = evaluate(net, test, device, batch_size=EVAL_BATCH, batch_standardize=batch_standardize)
         if on_epoch is not None:
             on_epoch({"epoch": epoch, "train_loss": train_loss, "train_acc": correct / n, "test_acc": test_acc})
+        if after_epoch is not None:
+            after_epoch(epoch, state)
     return trajectory
+
+
+@dataclass
+class ExpertState:
+    """The resume checkpoint of the expert in training (`expert_ckpt.pt`): `train_expert`'s state after `epoch`
+    epochs plus the expert's index, its log rows so far and the seconds spent on it."""
+    expert: int
+    epoch: int
+    model: dict
+    optimizer: dict
+    trajectory: list
+    generator: torch.Tensor
+    rng: dict
+    rows: list
+    seconds: float
+
+    def training(self) -> dict:
+        """What `train_expert(resume=...)` takes."""
+        return {k: getattr(self, k) for k in ("epoch", "model", "optimizer", "trajectory", "generator", "rng")}
+
+
+def read_expert_ckpt(path: Path, key: str, expert: int, epochs: int, log: Callable[[str], None]
+                     ) -> ExpertState | None:
+    """The checkpoint of expert `expert` of these settings in `path`, or None. A checkpoint of another expert (the
+    run was killed after saving that expert but before deleting its checkpoint) or of an impossible epoch is stale:
+    it is deleted with a message. A file of another tool or of other settings is refused (one line)."""
+    if not path.is_file():
+        return None
+    try:
+        d = safe_torch_load(path, "expert checkpoint")
+    except UserError as e:
+        raise UserError(f"{e}; delete it to train expert {expert} from its start") from None
+    names = [f.name for f in fields(ExpertState)]
+    if not isinstance(d, dict) or d.get("format") != EXPERT_CKPT_FORMAT or any(k not in d for k in names):
+        raise UserError(f"{path} is not a buffer.py expert checkpoint; move it away, or pass --overwrite to start "
+                        "this folder afresh")
+    if d.get("fingerprint") != key:
+        raise UserError(f"{path} was written with other settings than this folder's experts; delete it, or pass "
+                        "--overwrite to start this folder afresh")
+    problem = None
+    if d["expert"] != expert:
+        problem = f"it is of expert {d['expert']}, and the next expert is {expert}"
+    elif not (1 <= d["epoch"] < epochs and len(d["trajectory"]) == d["epoch"] + 1):
+        problem = f"it holds epoch {d['epoch']} of an expert with {epochs} epochs"
+    if problem:
+        log(f"ignoring {path}: {problem}")
+        path.unlink()
+        return None
+    return ExpertState(**{k: d[k] for k in names})
 
 
 # ------------------------------------------------------------------------------------- folder state
@@ -223,6 +318,24 @@ def read_partial(out: Path, key: str, first_expert: int, log: Callable[[str], No
     return check_trajectories(d.get("trajectories"), str(path))
 
 
+def finished_files(out: Path, settings: dict, num_experts: int) -> list[dict] | None:
+    """The buffer files of `out` when it already holds at least `num_experts` experts of `settings` and nothing
+    unfinished (no partial.pt), else None. Never raises and never deletes: any doubt (no folder, other settings, an
+    unreadable meta) means None, and the normal path, which reads the data first, decides and explains."""
+    try:
+        meta = read_meta(out) if out.is_dir() else None
+        if meta is None or meta.get("settings_key") != settings_key(settings) or (out / "partial.pt").exists():
+            return None
+        files = completed_files(out, meta)
+    except UserError:
+        return None
+    if sum(f["experts"] for f in files) < num_experts:
+        return None
+    if files != meta.get("files"):   # a file written just before a kill, not yet in the meta
+        write_meta(out, meta, files)
+    return files
+
+
 def write_meta(out: Path, meta: dict, files: list[dict]) -> None:
     meta["files"] = files
     meta["num_experts"] = sum(f["experts"] for f in files)
@@ -277,6 +390,10 @@ def main(
                                        "per class (default all); logging only."),
     eval_every: int = _O(1, "--eval-every", help="Epochs between test evaluations (and after the last; 0: never). "
                          "Logging only, never used for selection."),
+    ckpt_every: int = _O(10, "--ckpt-every", help="Epochs between resume checkpoints of the expert in training "
+                         "(expert_ckpt.pt in the expert folder: network, optimiser, trajectory so far, RNG states; "
+                         "deleted once the expert is saved). 0: no periodic checkpoints, only finished experts are "
+                         "kept. A stop request (SIGTERM/SIGUSR1) always checkpoints after the epoch in flight."),
     seed: int = _O(0, "--seed", help="Base seed: expert i's initialisation, batch order and augmentation come from "
                    "(seed, i); also picks --train-subset/--test-per-class images."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
@@ -289,7 +406,7 @@ def main(
     """Train expert networks and save their trajectories in MTT's replay_buffer_<n>.pt format."""
     for flag, value, least in (("--num-experts", num_experts, 1), ("--train-epochs", train_epochs, 1),
                                ("--save-interval", save_interval, 1), ("--batch-train", batch_train, 1),
-                               ("--eval-every", eval_every, 0)):
+                               ("--eval-every", eval_every, 0), ("--ckpt-every", ckpt_every, 0)):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
     for flag, value in (("--train-subset", train_subset), ("--test-per-class", test_per_class), ("--res", res)):
@@ -313,6 +430,25 @@ def main(
                         " or --train-subset N")
     dev = resolve_device(device)
     aug = DSA(dsa_strategy, mode="single") if dsa else None
+    info = RunLog(None, quiet=quiet).info
+
+    def settings_for(spec: DatasetSpec, net_name: str) -> dict:
+        return dict(dataset=spec.name, net=net_name, channels=spec.channels, resolution=spec.resolution,
+                    num_classes=spec.num_classes, zca=zca, zca_eps=ZCA_EPS if zca else None,
+                    train_subset=train_subset, seed=seed, lr_teacher=lr_teacher, mom=mom, l2=l2,
+                    batch_train=batch_train, train_epochs=train_epochs, dsa=dsa,
+                    dsa_strategy=dsa_strategy if dsa else None, batch_standardize=batch_standardize)
+
+    # A finished folder needs no data: requeued or repeated jobs return at once, even where --data-path is absent.
+    if not overwrite:
+        expected = replace(get_dataset_spec(name), resolution=res or get_dataset_spec(name).resolution)
+        expected_model = model or default_model(expected.resolution)
+        expected_out = expert_dir_for(buffer_path, name, expected_model, zca, res=expected.resolution)
+        finished = finished_files(expected_out, settings_for(expected, canonical_name(expected_model)), num_experts)
+        if finished is not None:
+            print(f"{expected_out} is complete: {sum(f['experts'] for f in finished)} experts in {len(finished)} "
+                  f"files (--num-experts {num_experts}); nothing to train")
+            return
 
     # everything that can fail on input does so before the folder is created
     train, spec = load_split(name, data_path, "train", per_class=train_subset, seed=seed, resolution=res)
@@ -323,13 +459,8 @@ def main(
     out = expert_dir_for(buffer_path, name, model, zca, res=spec.resolution)
     _, layout_subset, _ = mtt_layout(name, spec.resolution)
 
-    settings = dict(dataset=spec.name, net=net_name, channels=spec.channels, resolution=spec.resolution,
-                    num_classes=spec.num_classes, zca=zca, zca_eps=ZCA_EPS if zca else None,
-                    train_subset=train_subset, seed=seed, lr_teacher=lr_teacher, mom=mom, l2=l2,
-                    batch_train=batch_train, train_epochs=train_epochs, dsa=dsa,
-                    dsa_strategy=dsa_strategy if dsa else None, batch_standardize=batch_standardize)
+    settings = settings_for(spec, net_name)
     key = settings_key(settings)
-    info = RunLog(None, quiet=quiet).info
     old_meta = check_folder(out, settings, overwrite, info)
     files = completed_files(out, old_meta)
     done = sum(f["experts"] for f in files)
@@ -345,8 +476,8 @@ def main(
                   lr_teacher=lr_teacher, mom=mom, l2=l2, batch_train=batch_train, batch_real=batch_real,
                   save_interval=save_interval, zca=zca, dsa=dsa, dsa_strategy=dsa_strategy,
                   batch_standardize=batch_standardize, train_subset=train_subset, test_per_class=test_per_class,
-                  eval_every=eval_every, seed=seed, device=str(dev), buffer_path=str(buffer_path),
-                  expert_dir=str(out))
+                  eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=str(dev),
+                  buffer_path=str(buffer_path), expert_dir=str(out))
     atomic_write_json(config, out / "config.json")
     meta = dict(format=META_FORMAT, dataset=spec.name, subset=layout_subset, model=model, net=net_name,
                 channels=spec.channels, resolution=spec.resolution, num_classes=spec.num_classes,
@@ -370,6 +501,9 @@ def main(
     if kept:
         log.info(f"resuming: {done} experts in {len(files)} files, {len(pending)} in partial.pt; "
                  f"{len(todo)} to train")
+    ckpt_path = out / EXPERT_CKPT
+    # A checkpoint of expert `kept` beyond a lowered --num-experts is left for a later, larger run.
+    resume = read_expert_ckpt(ckpt_path, key, kept, train_epochs, log.info) if todo else None
 
     def flush() -> None:
         path = out / f"replay_buffer_{len(files)}.pt"
@@ -381,34 +515,55 @@ def main(
         pending.clear()
 
     t_start = time.time()
-    with StopRequest() as stop:   # SIGTERM/SIGUSR1: stop after the epoch in flight (utils/signals.py)
+    with StopRequest() as stop:   # SIGTERM/SIGUSR1: checkpoint after the epoch in flight (utils/signals.py)
         for i in progress(todo, total=len(todo), desc="experts"):
             t0 = time.time()
             net = build_expert_network(model, spec, seed, i)
-            rows: list[dict] = []
+            state, resume = (resume if resume is not None and resume.expert == i else None), None
+            rows: list[dict] = list(state.rows) if state is not None else []
+            spent = state.seconds if state is not None else 0.0
+            if state is not None:
+                log.info(f"continuing expert {i} after epoch {state.epoch} from {ckpt_path}")
+
+            def after_epoch(epoch: int, training_state: Callable[[], dict]) -> None:
+                # The last epoch needs no checkpoint: the finished expert is saved right after.
+                due = ckpt_every > 0 and epoch % ckpt_every == 0
+                if epoch == train_epochs or not (due or stop.requested):
+                    return
+                save_state(ExpertState(expert=i, rows=list(rows), seconds=spent + time.time() - t0,
+                                       **training_state()), ckpt_path, EXPERT_CKPT_FORMAT, key)
+                stop.check(f"expert {i} is checkpointed after epoch {epoch} in {ckpt_path}; the finished experts "
+                           "are on disk")
+
             traj = train_expert(net, train_x, train_y, train_epochs, generator=expert_generator(seed, i),
                                 lr=lr_teacher, momentum=mom, weight_decay=l2, batch_size=batch_train, dsa=aug,
                                 batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
-                                eval_every=eval_every, desc=f"expert {i}", on_epoch=lambda r: (
-                                    rows.append(r), stop.check(f"expert {i} was in training and is dropped; the "
-                                                               "finished experts are on disk")))
+                                eval_every=eval_every, desc=f"expert {i}", on_epoch=rows.append,
+                                resume=state.training() if state is not None else None, after_epoch=after_epoch,
+                                last_good=ckpt_path)
+            seconds = spent + time.time() - t0
             csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
                              train_acc=round(r["train_acc"], 5),
                              test_acc="" if r["test_acc"] is None else round(r["test_acc"], 5), seconds="")
                         for r in rows]
-            csv_rows[-1]["seconds"] = round(time.time() - t0, 1)
+            csv_rows[-1]["seconds"] = round(seconds, 1)
             log.rows.extend(csv_rows[:-1])  # the CSV is rewritten once per expert, not once per epoch
             log.row(**csv_rows[-1])
             last = rows[-1]
             acc = f", test acc {last['test_acc']:.4f}" if last["test_acc"] is not None else ""
             log.info(f"expert {i + 1}/{num_experts}: train loss {last['train_loss']:.4f}, train acc "
-                     f"{last['train_acc']:.4f}{acc} ({time.time() - t0:.1f}s)")
+                     f"{last['train_acc']:.4f}{acc} ({seconds:.1f}s)")
             pending.append(traj)
             if len(pending) == save_interval or i == num_experts - 1:
                 flush()
             else:
                 atomic_torch_save({"format": PARTIAL_FORMAT, "settings_key": key, "first_expert": sum(
                     f["experts"] for f in files), "trajectories": pending}, out / "partial.pt")
+            # Only now, with the expert on disk: a kill before this line leaves a stale checkpoint, which the
+            # re-run recognises by its expert index and deletes.
+            ckpt_path.unlink(missing_ok=True)
+            if i != todo[-1]:
+                stop.check(f"expert {i} is saved with the finished experts")
     if pending:  # partial.pt experts beyond a lowered --num-experts: kept, as the last file
         flush()
     total = sum(f["experts"] for f in files)

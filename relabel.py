@@ -18,6 +18,13 @@ Differences from the reference (§6.1, §8.1): all randomness comes from torch G
 the batch order and (seed, epoch, batch) for the crops/flips/mix, so any batch can be regenerated alone: re-running
 skips the files already written (every write is atomic) and a torchrun/array job writes exactly the files one
 process would. No PyTorch patch, no trailing slash, and the trainer's batch size is free.
+
+Resume: every batch file is a checkpoint, so there is no --ckpt-every. A batch file is the whole state of its unit
+(nothing carries over between batches: each one's randomness is re-derived from (seed, epoch, batch) and the teacher
+is fixed), it is written atomically, and a re-run skips the files present. A run killed at any point (even SIGKILL)
+and re-run therefore writes byte-identical files to an uninterrupted one; SIGTERM/SIGUSR1 stop after the batch file
+in flight with exit status 143. At most one batch of teacher forwards is lost, and a killed write leaves only a
+hidden `.batch_*.tmp` file, which no reader looks at.
 """
 from __future__ import annotations
 
@@ -369,7 +376,8 @@ def main(
                              "cifar100, tiny, ...); ours carry their own."),
     epochs: int = _O(300, "--epochs", help="Epochs of stored labels (300); a trainer may use at most this many."),
     batch_size: int = _O(1024, "--batch-size", "--batch_size", "-b", help="Images per stored batch (1024); one "
-                         "record per batch, and the unit of resume and of sharding."),
+                         "record per batch, and the unit of resume and of sharding: every batch file is a checkpoint "
+                         "(written atomically, skipped on re-run), so relabel has no --ckpt-every."),
     input_size: Optional[int] = _O(None, "--input-size", "--input_size", help="View size R (default: the "
                                    "teacher's resolution, 224 for ImageNet)."),
     crop_scale: str = _O("0.08,1", "--crop-scale", help="RandomResizedCrop area range 'min,max' (0.08,1)."),
