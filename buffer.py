@@ -48,7 +48,7 @@ from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
@@ -461,113 +461,116 @@ def main(
 
     settings = settings_for(spec, net_name)
     key = settings_key(settings)
-    old_meta = check_folder(out, settings, overwrite, info)
-    files = completed_files(out, old_meta)
-    done = sum(f["experts"] for f in files)
-    pending = read_partial(out, key, done, info) if out.is_dir() else []
+    with run_lock(out, "buffer.py"):   # one writer per expert folder
+        old_meta = check_folder(out, settings, overwrite, info)
+        files = completed_files(out, old_meta)
+        done = sum(f["experts"] for f in files)
+        pending = read_partial(out, key, done, info) if out.is_dir() else []
 
-    train_x, test_x, zca_state = map_to_training_space(spec, train.images, test.images, zca, dev)
-    train_y, test_y = train.labels.to(dev), test.labels  # evaluate() compares predictions on the CPU
-    out.mkdir(parents=True, exist_ok=True)
-    if zca_state is not None:
-        atomic_torch_save(zca_state, out / "zca.pt")
-    config = dict(dataset=dataset, subset=subset, resolved_dataset=spec.name, data_path=str(data_path), res=res,
-                  model=model, net=net_name, num_experts=num_experts, train_epochs=train_epochs,
-                  lr_teacher=lr_teacher, mom=mom, l2=l2, batch_train=batch_train, batch_real=batch_real,
-                  save_interval=save_interval, zca=zca, dsa=dsa, dsa_strategy=dsa_strategy,
-                  batch_standardize=batch_standardize, train_subset=train_subset, test_per_class=test_per_class,
-                  eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=str(dev),
-                  buffer_path=str(buffer_path), expert_dir=str(out))
-    atomic_write_json(config, out / "config.json")
-    meta = dict(format=META_FORMAT, dataset=spec.name, subset=layout_subset, model=model, net=net_name,
-                channels=spec.channels, resolution=spec.resolution, num_classes=spec.num_classes,
-                zca=zca, zca_eps=ZCA_EPS if zca else None, zca_file="zca.pt" if zca else None,
-                space="zca" if zca else "normalized", mean=list(spec.mean), std=list(spec.std),
-                batch_standardize=batch_standardize, train_subset=train_subset, train_images=len(train_y),
-                seed=seed, lr_teacher=lr_teacher, mom=mom, l2=l2, batch_train=batch_train,
-                train_epochs=train_epochs, num_snapshots=train_epochs + 1, dsa=dsa,
-                dsa_strategy=dsa_strategy if dsa else None, dsa_mode="single", save_interval=save_interval,
-                seeding="expert i: init seed derived_seed(seed, i, 'init'), generator derived_seed(seed, i, 'train')",
-                settings=settings, settings_key=key)
-    write_meta(out, meta, files)
-
-    log = RunLog(out / "log.csv", quiet=quiet, resume=True)
-    kept = done + len(pending)
-    log.rows = [r for r in log.rows if str(r.get("expert", "")).isdigit() and int(r["expert"]) < kept]
-    todo = list(range(kept, num_experts))
-    log.info(f"buffer: {spec.name} ({len(train_y)} train / {len(test_y)} test images, {spec.resolution}px), "
-             f"{model} ({net_name}), space {meta['space']}, batch standardisation {'on' if batch_standardize else 'off'}"
-             f", {train_epochs} epochs, lr {lr_teacher:g}, device {dev} -> {out}")
-    if kept:
-        log.info(f"resuming: {done} experts in {len(files)} files, {len(pending)} in partial.pt; "
-                 f"{len(todo)} to train")
-    ckpt_path = out / EXPERT_CKPT
-    # A checkpoint of expert `kept` beyond a lowered --num-experts is left for a later, larger run.
-    resume = read_expert_ckpt(ckpt_path, key, kept, train_epochs, log.info) if todo else None
-
-    def flush() -> None:
-        path = out / f"replay_buffer_{len(files)}.pt"
-        save_buffer_file(pending, path)
-        files.append({"name": path.name, "first_expert": sum(f["experts"] for f in files), "experts": len(pending)})
+        train_x, test_x, zca_state = map_to_training_space(spec, train.images, test.images, zca, dev)
+        train_y, test_y = train.labels.to(dev), test.labels  # evaluate() compares predictions on the CPU
+        out.mkdir(parents=True, exist_ok=True)
+        if zca_state is not None:
+            atomic_torch_save(zca_state, out / "zca.pt")
+        config = dict(dataset=dataset, subset=subset, resolved_dataset=spec.name, data_path=str(data_path), res=res,
+                      model=model, net=net_name, num_experts=num_experts, train_epochs=train_epochs,
+                      lr_teacher=lr_teacher, mom=mom, l2=l2, batch_train=batch_train, batch_real=batch_real,
+                      save_interval=save_interval, zca=zca, dsa=dsa, dsa_strategy=dsa_strategy,
+                      batch_standardize=batch_standardize, train_subset=train_subset, test_per_class=test_per_class,
+                      eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=str(dev),
+                      buffer_path=str(buffer_path), expert_dir=str(out))
+        atomic_write_json(config, out / "config.json")
+        meta = dict(format=META_FORMAT, dataset=spec.name, subset=layout_subset, model=model, net=net_name,
+                    channels=spec.channels, resolution=spec.resolution, num_classes=spec.num_classes,
+                    zca=zca, zca_eps=ZCA_EPS if zca else None, zca_file="zca.pt" if zca else None,
+                    space="zca" if zca else "normalized", mean=list(spec.mean), std=list(spec.std),
+                    batch_standardize=batch_standardize, train_subset=train_subset, train_images=len(train_y),
+                    seed=seed, lr_teacher=lr_teacher, mom=mom, l2=l2, batch_train=batch_train,
+                    train_epochs=train_epochs, num_snapshots=train_epochs + 1, dsa=dsa,
+                    dsa_strategy=dsa_strategy if dsa else None, dsa_mode="single", save_interval=save_interval,
+                    seeding="expert i: init seed derived_seed(seed, i, 'init'), "
+                            "generator derived_seed(seed, i, 'train')",
+                    settings=settings, settings_key=key)
         write_meta(out, meta, files)
-        (out / "partial.pt").unlink(missing_ok=True)
-        log.info(f"wrote {path.name} ({len(pending)} experts)")
-        pending.clear()
 
-    t_start = time.time()
-    with StopRequest() as stop:   # SIGTERM/SIGUSR1: checkpoint after the epoch in flight (utils/signals.py)
-        for i in progress(todo, total=len(todo), desc="experts"):
-            t0 = time.time()
-            net = build_expert_network(model, spec, seed, i)
-            state, resume = (resume if resume is not None and resume.expert == i else None), None
-            rows: list[dict] = list(state.rows) if state is not None else []
-            spent = state.seconds if state is not None else 0.0
-            if state is not None:
-                log.info(f"continuing expert {i} after epoch {state.epoch} from {ckpt_path}")
+        log = RunLog(out / "log.csv", quiet=quiet, resume=True)
+        kept = done + len(pending)
+        log.rows = [r for r in log.rows if str(r.get("expert", "")).isdigit() and int(r["expert"]) < kept]
+        todo = list(range(kept, num_experts))
+        log.info(f"buffer: {spec.name} ({len(train_y)} train / {len(test_y)} test images, {spec.resolution}px), "
+                 f"{model} ({net_name}), space {meta['space']}, batch standardisation "
+                 f"{'on' if batch_standardize else 'off'}, {train_epochs} epochs, lr {lr_teacher:g}, device {dev} "
+                 f"-> {out}")
+        if kept:
+            log.info(f"resuming: {done} experts in {len(files)} files, {len(pending)} in partial.pt; "
+                     f"{len(todo)} to train")
+        ckpt_path = out / EXPERT_CKPT
+        # A checkpoint of expert `kept` beyond a lowered --num-experts is left for a later, larger run.
+        resume = read_expert_ckpt(ckpt_path, key, kept, train_epochs, log.info) if todo else None
 
-            def after_epoch(epoch: int, training_state: Callable[[], dict]) -> None:
-                # The last epoch needs no checkpoint: the finished expert is saved right after.
-                due = ckpt_every > 0 and epoch % ckpt_every == 0
-                if epoch == train_epochs or not (due or stop.requested):
-                    return
-                save_state(ExpertState(expert=i, rows=list(rows), seconds=spent + time.time() - t0,
-                                       **training_state()), ckpt_path, EXPERT_CKPT_FORMAT, key)
-                stop.check(f"expert {i} is checkpointed after epoch {epoch} in {ckpt_path}; the finished experts "
-                           "are on disk")
+        def flush() -> None:
+            path = out / f"replay_buffer_{len(files)}.pt"
+            save_buffer_file(pending, path)
+            files.append({"name": path.name, "first_expert": sum(f["experts"] for f in files), "experts": len(pending)})
+            write_meta(out, meta, files)
+            (out / "partial.pt").unlink(missing_ok=True)
+            log.info(f"wrote {path.name} ({len(pending)} experts)")
+            pending.clear()
 
-            traj = train_expert(net, train_x, train_y, train_epochs, generator=expert_generator(seed, i),
-                                lr=lr_teacher, momentum=mom, weight_decay=l2, batch_size=batch_train, dsa=aug,
-                                batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
-                                eval_every=eval_every, desc=f"expert {i}", on_epoch=rows.append,
-                                resume=state.training() if state is not None else None, after_epoch=after_epoch,
-                                last_good=ckpt_path)
-            seconds = spent + time.time() - t0
-            csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
-                             train_acc=round(r["train_acc"], 5),
-                             test_acc="" if r["test_acc"] is None else round(r["test_acc"], 5), seconds="")
-                        for r in rows]
-            csv_rows[-1]["seconds"] = round(seconds, 1)
-            log.rows.extend(csv_rows[:-1])  # the CSV is rewritten once per expert, not once per epoch
-            log.row(**csv_rows[-1])
-            last = rows[-1]
-            acc = f", test acc {last['test_acc']:.4f}" if last["test_acc"] is not None else ""
-            log.info(f"expert {i + 1}/{num_experts}: train loss {last['train_loss']:.4f}, train acc "
-                     f"{last['train_acc']:.4f}{acc} ({seconds:.1f}s)")
-            pending.append(traj)
-            if len(pending) == save_interval or i == num_experts - 1:
-                flush()
-            else:
-                atomic_torch_save({"format": PARTIAL_FORMAT, "settings_key": key, "first_expert": sum(
-                    f["experts"] for f in files), "trajectories": pending}, out / "partial.pt")
-            # Only now, with the expert on disk: a kill before this line leaves a stale checkpoint, which the
-            # re-run recognises by its expert index and deletes.
-            ckpt_path.unlink(missing_ok=True)
-            if i != todo[-1]:
-                stop.check(f"expert {i} is saved with the finished experts")
-    if pending:  # partial.pt experts beyond a lowered --num-experts: kept, as the last file
-        flush()
-    total = sum(f["experts"] for f in files)
-    print(f"{total} experts in {len(files)} files in {out} ({len(todo)} trained now, {time.time() - t_start:.0f}s)")
+        t_start = time.time()
+        with StopRequest() as stop:   # SIGTERM/SIGUSR1: checkpoint after the epoch in flight (utils/signals.py)
+            for i in progress(todo, total=len(todo), desc="experts"):
+                t0 = time.time()
+                net = build_expert_network(model, spec, seed, i)
+                state, resume = (resume if resume is not None and resume.expert == i else None), None
+                rows: list[dict] = list(state.rows) if state is not None else []
+                spent = state.seconds if state is not None else 0.0
+                if state is not None:
+                    log.info(f"continuing expert {i} after epoch {state.epoch} from {ckpt_path}")
+
+                def after_epoch(epoch: int, training_state: Callable[[], dict]) -> None:
+                    # The last epoch needs no checkpoint: the finished expert is saved right after.
+                    due = ckpt_every > 0 and epoch % ckpt_every == 0
+                    if epoch == train_epochs or not (due or stop.requested):
+                        return
+                    save_state(ExpertState(expert=i, rows=list(rows), seconds=spent + time.time() - t0,
+                                           **training_state()), ckpt_path, EXPERT_CKPT_FORMAT, key)
+                    stop.check(f"expert {i} is checkpointed after epoch {epoch} in {ckpt_path}; the finished experts "
+                               "are on disk")
+
+                traj = train_expert(net, train_x, train_y, train_epochs, generator=expert_generator(seed, i),
+                                    lr=lr_teacher, momentum=mom, weight_decay=l2, batch_size=batch_train, dsa=aug,
+                                    batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
+                                    eval_every=eval_every, desc=f"expert {i}", on_epoch=rows.append,
+                                    resume=state.training() if state is not None else None, after_epoch=after_epoch,
+                                    last_good=ckpt_path)
+                seconds = spent + time.time() - t0
+                csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
+                                 train_acc=round(r["train_acc"], 5),
+                                 test_acc="" if r["test_acc"] is None else round(r["test_acc"], 5), seconds="")
+                            for r in rows]
+                csv_rows[-1]["seconds"] = round(seconds, 1)
+                log.rows.extend(csv_rows[:-1])  # the CSV is rewritten once per expert, not once per epoch
+                log.row(**csv_rows[-1])
+                last = rows[-1]
+                acc = f", test acc {last['test_acc']:.4f}" if last["test_acc"] is not None else ""
+                log.info(f"expert {i + 1}/{num_experts}: train loss {last['train_loss']:.4f}, train acc "
+                         f"{last['train_acc']:.4f}{acc} ({seconds:.1f}s)")
+                pending.append(traj)
+                if len(pending) == save_interval or i == num_experts - 1:
+                    flush()
+                else:
+                    atomic_torch_save({"format": PARTIAL_FORMAT, "settings_key": key, "first_expert": sum(
+                        f["experts"] for f in files), "trajectories": pending}, out / "partial.pt")
+                # Only now, with the expert on disk: a kill before this line leaves a stale checkpoint, which the
+                # re-run recognises by its expert index and deletes.
+                ckpt_path.unlink(missing_ok=True)
+                if i != todo[-1]:
+                    stop.check(f"expert {i} is saved with the finished experts")
+        if pending:  # partial.pt experts beyond a lowered --num-experts: kept, as the last file
+            flush()
+        total = sum(f["experts"] for f in files)
+        print(f"{total} experts in {len(files)} files in {out} ({len(todo)} trained now, {time.time() - t_start:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -362,3 +362,14 @@ def test_the_quoting_check_can_fail():
     assert _unquoted_expansions('python x.py --out "$OUT/a b" "${ARGS[@]}"') == []
     assert _unquoted_expansions("echo '$HOME'; x=$y; [[ -n $z ]]") == []
     assert _unquoted_expansions('cd "$(dirname "$0")/.."; n=$(ls $D | wc -l)') == ["$D"]
+
+
+def test_run_lock_admits_one_writer_and_is_released_on_exit(tmp_path):
+    from utils.errors import UserError
+    from utils.io import run_lock
+    with run_lock(tmp_path / "out", "x.py"):
+        with pytest.raises(UserError, match=r"being written by another x.py process \(pid \d+ on "):
+            with run_lock(tmp_path / "out", "x.py"):
+                pass
+    with run_lock(tmp_path / "out", "x.py"):    # released: the next run gets it
+        pass
