@@ -13,8 +13,12 @@ Spec: ../shared/specs/decoupled.md, section numbers below refer to it. Three mod
 - training (default): a recipe of §2 (`--recipe`, every value overridable) or a dataset-derived default. Real images
   stay uint8 in memory (streamed from files for ImageNet-size splits) and are augmented batch by batch with the run's
   own torch.Generator. The test split is evaluated every --eval-every epochs and after the last one; the teacher is
-  always the LAST epoch's weights (no checkpoint is ever chosen on the test set, §9.1 item 18). After every epoch
-  `<out>.ckpt` is written atomically; re-running the same command continues from it.
+  always the LAST epoch's weights (no checkpoint is ever chosen on the test set, §9.1 item 18).
+  Resume: `<out>.ckpt` (weights, optimiser, the run's generator, global RNG states, the epoch's running sums) is
+  written atomically after every epoch, every `--ckpt-every` optimiser steps and, on SIGTERM/SIGUSR1, after the step
+  in flight (exit 143); re-running the same command continues from it, inside an epoch too, with the same teacher
+  bit for bit (CPU, same thread count). A NaN/inf loss stops the run (exit 2, naming --lr) before it is saved, so
+  the checkpoint on disk is the last good one.
 - wrapping (`--weights PATH` or `--pretrained`): no training; existing weights (torchvision, SRe2L/DWA `ckpt.pth`,
   RDED `{dataset}_{arch}.pth`) are loaded into --arch and written in the teacher format with the chosen --norm.
 - `--eval-only TEACHER`: the pre-flight check of §9.1 item 19: top-1 of a teacher on the real test split with its
@@ -22,18 +26,17 @@ Spec: ../shared/specs/decoupled.md, section numbers below refer to it. Three mod
 
 Outputs of a run: the teacher file `--out`, `<out stem>_log.csv` (one row per epoch) and `<out stem>_config.json`.
 Under torchrun every rank trains on a disjoint slice of each epoch's (identical, seeded) permutation inside DDP and
-only rank 0 writes files.
+only rank 0 writes files; after every step the ranks agree (a CPU all-reduce) whether any of them got a stop
+request, so all stop after the same step.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,13 +45,15 @@ from torch import nn
 
 from networks.registry import canonical_name, get_network, load_weights, parse_name
 from utils.augment import apply_flip, crop_resize, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
-from utils.checkpoint import load_state, save_state, settings_fingerprint
+from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng, save_state,
+                              settings_fingerprint)
 from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_dataset_spec, normalize, open_split,
                             per_class_indices, read_split)
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, device_for, init_distributed
 from utils.errors import UserError
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.signals import StopRequest, Stopped
 from utils.teacher import NORMALIZATIONS, load_teacher, resolve_normalization, save_teacher
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -406,37 +411,42 @@ def evaluate(net: nn.Module, data: Data, mean, std, device: torch.device, info: 
 
 # -------------------------------------------------------------------------------------------- training
 
-CKPT_FORMAT = "ddtoolkit-squeeze-ckpt-1"
+# Resume checkpoints: format 2 can stop inside an epoch; format 1 (end of an epoch only, its own RNG layout) is
+# still read, so a run interrupted under the previous version continues.
+CKPT_FORMAT = "ddtoolkit-squeeze-ckpt-2"
+CKPT_FORMAT_V1 = "ddtoolkit-squeeze-ckpt-1"
 
 
 @dataclass
 class TrainState:
-    """What a resumed run needs: plain tensors/containers only (weights_only=True readable)."""
+    """What a resumed run needs: plain tensors/containers only (weights_only=True readable). A state taken inside
+    an epoch (`step` > 0) also holds what decides the rest of that epoch: the generator as it was before the
+    epoch's permutation was drawn (the permutation is drawn again from it) and the epoch's running sums."""
     epoch: int                       # completed epochs
+    step: int                        # optimiser steps done inside epoch `epoch` (0: at its start)
     model: dict
     optimizer: dict
-    generator: torch.Tensor          # the run's torch.Generator (batch order and augmentation)
-    torch_rng: torch.Tensor
-    python_rng: list
-    numpy_rng: dict
-    history: list = field(default_factory=list)   # the log rows so far
+    generator: torch.Tensor          # the run's torch.Generator now (batch order and augmentation)
+    epoch_generator: torch.Tensor    # the run's generator at the start of epoch `epoch`, before its permutation
+    stats: torch.Tensor              # float64 [loss sum, correct, count] of epoch `epoch` so far, summed over ranks
+    rng: dict                        # utils.checkpoint.capture_rng(): torch / numpy / python global states
+    history: list = field(default_factory=list)   # the log rows of the completed epochs
     elapsed: float = 0.0
 
 
-def capture_rng() -> dict:
-    st = np.random.get_state()
-    py = random.getstate()
-    return {"torch_rng": torch.get_rng_state(), "python_rng": [py[0], list(py[1]), py[2]],
-            "numpy_rng": {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
-                          "has_gauss": int(st[3]), "cached": float(st[4])}}
-
-
-def restore_rng(state: TrainState) -> None:
-    torch.set_rng_state(state.torch_rng)
-    py = state.python_rng
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state.numpy_rng
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
+    """A resume checkpoint of these settings (format 2, or format 1 converted: it was always at an epoch end)."""
+    d = safe_torch_load(path, "squeeze.py checkpoint")
+    if not (isinstance(d, dict) and d.get("format") == CKPT_FORMAT_V1):
+        return load_state(path, TrainState, CKPT_FORMAT, fingerprint, "squeeze.py")
+    if d.get("fingerprint") != fingerprint:
+        raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
+                        "another --out")
+    return TrainState(epoch=d["epoch"], step=0, model=d["model"], optimizer=d["optimizer"],
+                      generator=d["generator"], epoch_generator=d["generator"],
+                      stats=torch.zeros(3, dtype=torch.float64),
+                      rng={"torch": d["torch_rng"], "python": d["python_rng"], "numpy": d["numpy_rng"]},
+                      history=d["history"], elapsed=d["elapsed"])
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -463,6 +473,24 @@ def ranks_agree(net: nn.Module, info: DistInfo) -> Optional[bool]:
     return bool(diff.item() == 0)
 
 
+def control_group(info: DistInfo):
+    """A gloo group for the per-step stop vote: a CPU all-reduce of one number, so asking "did any rank get a
+    stop request?" after every step never waits for the GPU (under NCCL a CUDA tensor would force a sync)."""
+    if not (info.enabled and dist.is_initialized()):
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, info: DistInfo, group) -> bool:
+    """True on every rank when `flag` is true on at least one (a collective: every rank calls it at the same
+    step, so all of them stop after the same optimiser step)."""
+    if not (info.enabled and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return bool(t.item() > 0)
+
+
 def epoch_batches(n: int, batch_size: int, g: torch.Generator, world_size: int) -> list[torch.Tensor]:
     """This epoch's global batches: a seeded permutation cut into batch_size pieces (the last one short, as
     drop_last=False). Under torchrun a last batch smaller than the world size is dropped (a rank would be empty)."""
@@ -473,13 +501,37 @@ def epoch_batches(n: int, batch_size: int, g: torch.Generator, world_size: int) 
     return batches
 
 
+def cpu_copy(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU: a checkpoint must not keep referring to
+    tensors the next step changes in place, nor hold a second copy in GPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def weights_finite(net: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in unwrap(net).state_dict().values() if t.is_floating_point())
+
+
 def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device: torch.device, log: RunLog, *,
                   info: DistInfo = DistInfo(), state: Optional[TrainState] = None, stop_after: Optional[int] = None,
-                  on_epoch=None, workers: int = 0, show_progress: bool = True) -> tuple[nn.Module, TrainState]:
+                  on_checkpoint=None, ckpt_every: int = 0, stop: Optional[StopRequest] = None,
+                  ckpt_path: Optional[Path] = None, workers: int = 0, show_progress: bool = True
+                  ) -> tuple[nn.Module, TrainState]:
     """Train cfg.arch on `train` (decoupled.md §2); evaluate on `test` every cfg.eval_every epochs and after the
-    last. `state` continues an interrupted run exactly; `stop_after` stops once that many epochs are complete
-    (to interrupt on purpose); `on_epoch(state)` is called after every epoch (rank 0 saves the checkpoint there).
-    Returns the (unwrapped) network and the final state."""
+    last. `state` continues an interrupted run exactly, also from inside an epoch; `stop_after` stops once that
+    many epochs are complete (to interrupt on purpose).
+
+    `on_checkpoint(state, stopping)` is called on every rank after every epoch, after every `ckpt_every`-th
+    optimiser step (0: epochs only) and after the step in flight when `stop` reports a request on any rank (then
+    `stopping` is True and the callback is expected to raise utils.signals.Stopped once the state is on disk).
+    A non-finite loss or weights stop the run (utils.checkpoint.Diverged, naming --lr) before such a state is
+    handed over, so `ckpt_path` (named in that message) keeps the last good one. Returns the (unwrapped) network
+    and the final state."""
     g = seed_everything(cfg.seed)
     net = get_network(cfg.arch, cfg.channels, cfg.num_classes, cfg.resolution)
     cuda = device.type == "cuda"
@@ -491,30 +543,62 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
     if state is not None:
         net.load_state_dict(state.model)
         opt.load_state_dict(state.optimizer)
-        g.set_state(state.generator)
-        restore_rng(state)
+        restore_rng(state.rng)
     else:
-        state = TrainState(0, {}, {}, g.get_state(), **capture_rng())
+        state = TrainState(0, 0, {}, {}, g.get_state(), g.get_state(), torch.zeros(3, dtype=torch.float64),
+                           capture_rng())
     model = net
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
     model.train()
+    group = control_group(info)
     n, world = len(train), info.world_size
     t_start = time.time() - state.elapsed
-    for epoch in range(state.epoch, cfg.epochs):
+    history = list(state.history)
+    start_epoch, start_step = state.epoch, state.step
+    # the generator as it is at the start of the first epoch run here: a mid-epoch state re-draws that epoch's
+    # permutation from its epoch_generator, then continues from the generator as it was after its last step
+    g.set_state(state.epoch_generator if start_step else state.generator)
+
+    def global_stats(stats: torch.Tensor) -> torch.Tensor:
+        """[loss sum, correct, count] over ranks, NaN in the loss when any rank's weights are no longer finite."""
+        s = torch.cat([stats, torch.tensor([float(not weights_finite(model))], dtype=torch.float64,
+                                           device=stats.device)])
+        all_reduce_sum(s, info)
+        s = s.cpu()
+        if s[3] > 0:
+            s[0] = float("nan")
+        return s[:3]
+
+    def snapshot(epoch: int, step: int, epoch_gen: torch.Tensor, stats: torch.Tensor) -> TrainState:
+        return TrainState(epoch, step, cpu_copy(net.state_dict()), cpu_copy(opt.state_dict()), g.get_state(),
+                          epoch_gen, stats, capture_rng(), history=list(history), elapsed=time.time() - t_start)
+
+    for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
         lr = lr_at(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group_ in opt.param_groups:
+            group_["lr"] = lr
+        epoch_gen = g.get_state()
         batches = epoch_batches(n, cfg.batch_size, g, world)
+        skip = 0
+        stats = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct, count
+        if epoch == start_epoch and start_step:
+            # continue inside the epoch: same permutation, the generator after the last done step, the sums so far
+            # (rank 0 carries the sums of all ranks, so the epoch's all-reduce gives the same totals)
+            skip = start_step
+            g.set_state(state.generator)
+            if info.is_main:
+                stats += state.stats.to(device)
         # every rank takes a contiguous 1/world of each global batch (disjoint; together the whole batch)
         shares = [torch.tensor_split(torch.arange(len(b)), world)[info.rank] for b in batches]
-        stats = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, correct, count
-        source = batches_of(train, [b[s] for b, s in zip(batches, shares)], workers, cuda)
-        bar = progress(zip(batches, shares, source), total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        todo = list(range(skip, len(batches)))
+        source = batches_of(train, [batches[i][shares[i]] for i in todo], workers, cuda)
+        bar = progress(zip(todo, source), total=len(todo), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=None if (show_progress and info.is_main) else True)
-        for b, share, (x, y) in bar:
+        for i, (x, y) in bar:
+            b, share = batches[i], shares[i]
             params = draw_augmentation(cfg.aug, len(b), cfg.resolution, cfg.crop_padding, g)  # the global batch's
             x = to_input(x, cfg.mean, cfg.std, device)
             x = normalize(apply_augmentation(cfg.aug, x, slice_params(params, share), cfg.crop_padding),
@@ -533,11 +617,19 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
             opt.step()
             stats += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-        all_reduce_sum(stats, info)
+            step = i + 1
+            if step == len(batches):
+                continue   # the epoch's end below checkpoints (and honours a stop request) after its evaluation
+            stopping = any_rank(stop is not None and stop.requested, info, group)
+            if stopping or (ckpt_every > 0 and (epoch * len(batches) + step) % ckpt_every == 0):
+                sums = global_stats(stats)
+                check_finite(float(sums[0]), f"epoch {epoch + 1} step {step}", "--lr", ckpt_path)
+                if on_checkpoint is not None:
+                    on_checkpoint(snapshot(epoch, step, epoch_gen, sums), stopping)
+        sums = global_stats(stats)
         broadcast_buffers(model, info)
-        train_loss, train_acc = float(stats[0] / stats[2]), float(stats[1] / stats[2])
-        if not math.isfinite(train_loss):
-            raise UserError(f"training loss became {train_loss} at epoch {epoch + 1}; lower --lr (now {cfg.lr})")
+        check_finite(float(sums[0]), f"epoch {epoch + 1}", "--lr", ckpt_path)
+        train_loss, train_acc = float(sums[0] / sums[2]), float(sums[1] / sums[2])
         done = epoch + 1
         row = {"epoch": done, "lr": round(lr, 8), "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                "test_acc": ""}
@@ -547,14 +639,13 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
                                              amp=cfg.amp, channels_last=cuda), 6)
         row["seconds"] = round(time.time() - t_start, 3)
         log.row(**row)
+        history.append(row)
         test_text = f", test {row['test_acc']:.2%}" if row["test_acc"] != "" else ""
         log.info(f"epoch {done}/{cfg.epochs}: lr {lr:.4g}, loss {train_loss:.4f}, train {train_acc:.2%}{test_text} "
                  f"({row['seconds']:.1f}s)")
-        state = TrainState(done, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-                           opt.state_dict(), g.get_state(), history=state.history + [row],
-                           elapsed=time.time() - t_start, **capture_rng())
-        if on_epoch is not None:
-            on_epoch(state)
+        state = snapshot(done, 0, g.get_state(), torch.zeros(3, dtype=torch.float64))
+        if on_checkpoint is not None:
+            on_checkpoint(state, any_rank(stop is not None and stop.requested, info, group))
     return net, state
 
 
@@ -576,12 +667,17 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
             overrides: Optional[dict] = None, *, device: str | torch.device = "cpu", resume: bool = True,
             overwrite: bool = False, stop_after: Optional[int] = None, quiet: bool = False, workers: int = 0,
             resolution: Optional[int] = None, evaluate_test: bool = True, eval_resize: Optional[int] = None,
-            max_memory_gb: float = 4.0) -> Optional[dict]:
+            max_memory_gb: float = 4.0, ckpt_every: int = 0) -> Optional[dict]:
     """The training mode end to end: load data, resolve the settings, resume or start, train, write the teacher,
     log and config (rank 0). Returns the teacher's meta, or None when stopped early by `stop_after`.
 
-    `overrides` holds SqueezeConfig fields (None = the recipe's value)."""
+    `overrides` holds SqueezeConfig fields (None = the recipe's value). `<out>.ckpt` is written after every epoch,
+    after every `ckpt_every`-th optimiser step (0: epochs only) and, on SIGTERM/SIGUSR1, after the step in flight
+    (then utils.signals.Stopped is raised)."""
     overrides = dict(overrides or {})
+    if ckpt_every < 0:
+        raise UserError(f"--ckpt-every must be 0 (a checkpoint at the end of every epoch only) or more, got "
+                        f"{ckpt_every}")
     rec_name, rec = get_recipe(recipe)
     dataset = dataset or rec.dataset
     if dataset is None:
@@ -600,13 +696,13 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
     dev = device_for(info, dev)
     try:
         return _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume, overwrite, stop_after,
-                        quiet, workers, resolution, evaluate_test, eval_resize, max_memory_gb)
+                        quiet, workers, resolution, evaluate_test, eval_resize, max_memory_gb, ckpt_every)
     finally:
         cleanup(info)
 
 
 def _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume, overwrite, stop_after, quiet,
-             workers, resolution, evaluate_test, eval_resize, max_memory_gb) -> Optional[dict]:
+             workers, resolution, evaluate_test, eval_resize, max_memory_gb, ckpt_every) -> Optional[dict]:
     main_rank = info.is_main
     log = RunLog(paths["log"] if main_rank else None, quiet=quiet or not main_rank)
     seed = overrides.get("seed") or 0
@@ -629,25 +725,36 @@ def _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume
                                         "world_size": info.world_size})
     state = None
     if paths["ckpt"].exists() and resume and not overwrite:
-        state = load_state(paths["ckpt"], TrainState, CKPT_FORMAT, fingerprint, "squeeze.py")
-        log.info(f"resuming from {paths['ckpt']} after epoch {state.epoch}/{cfg.epochs}")
+        state = load_checkpoint(paths["ckpt"], fingerprint)
+        inside = f" and step {state.step} of epoch {state.epoch + 1}" if state.step else ""
+        log.info(f"resuming from {paths['ckpt']} after epoch {state.epoch}/{cfg.epochs}{inside}")
         log.rows = list(state.history)   # the CSV is rewritten from the checkpoint's rows (later rows re-run)
     barrier(info)   # every rank has decided before rank 0 writes anything
     if main_rank:
+        if state is None:   # --overwrite / --no-resume: a stale checkpoint must not outlive the fresh start
+            paths["ckpt"].unlink(missing_ok=True)
         atomic_write_json({**asdict(cfg), "fingerprint": fingerprint, "train_images": len(train),
                            "test_images": len(test) if test is not None else 0, "world_size": info.world_size,
+                           "ckpt_every": ckpt_every,
                            "device": str(dev), "data_path": str(data_path), "out": str(paths["teacher"])},
                           paths["config"])
     log.info(f"squeeze: {cfg.arch} on {spec.name} ({len(train)} train images, {cfg.num_classes} classes, "
              f"{cfg.resolution} px), recipe {cfg.recipe}, {cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}"
              f", aug {cfg.aug}, norm {cfg.norm or 'dataset'}, {info.world_size} process(es) on {dev}")
 
-    def on_epoch(st: TrainState) -> None:
+    def on_checkpoint(st: TrainState, stopping: bool) -> None:
         if main_rank:
             save_state(st, paths["ckpt"], CKPT_FORMAT, fingerprint)
+        if stopping:
+            barrier(info)   # the checkpoint is whole on disk before any rank exits (torchrun then ends the rest)
+            at = f"epoch {st.epoch}" if not st.step else f"step {st.step} of epoch {st.epoch + 1}"
+            raise Stopped(f"stopped by {stop.name or 'a stop request on another rank'}; checkpoint written after "
+                          f"{at} ({paths['ckpt']}); re-run the same command to continue")
 
-    net, state = train_teacher(cfg, train, test, dev, log, info=info, state=state, stop_after=stop_after,
-                               on_epoch=on_epoch, workers=workers, show_progress=not quiet)
+    with StopRequest() as stop:   # SIGTERM/SIGUSR1: checkpoint after the optimiser step in flight, exit 143
+        net, state = train_teacher(cfg, train, test, dev, log, info=info, state=state, stop_after=stop_after,
+                                   on_checkpoint=on_checkpoint, ckpt_every=ckpt_every, stop=stop,
+                                   ckpt_path=paths["ckpt"], workers=workers, show_progress=not quiet)
     if state.epoch < cfg.epochs:
         return None
     agree = ranks_agree(net, info)
@@ -878,8 +985,14 @@ def main(
                                    "epochs and after the last (0: only after the last; recipe: 10, sre2l-tiny 1). "
                                    "The teacher is always the last epoch's weights."),
     resume: bool = _O(True, "--resume/--no-resume", help="Continue from <out>.ckpt when it exists (written after "
-                      "every epoch; refused if the settings differ). --no-resume starts afresh."),
-    overwrite: bool = _O(False, "--overwrite", help="Replace an existing teacher file (and ignore a checkpoint)."),
+                      "every epoch, every --ckpt-every steps and on SIGTERM/SIGUSR1; refused if the settings differ)."
+                      " --no-resume starts afresh."),
+    ckpt_every: int = _O(0, "--ckpt-every", help="Also write the resume checkpoint <out>.ckpt every N optimiser "
+                         "steps (counted over the whole run), inside epochs; a run killed mid-epoch then continues "
+                         "from that step with the same result. 0: only at the end of every epoch. SIGTERM/SIGUSR1 "
+                         "always checkpoint after the step in flight and exit with status 143."),
+    overwrite: bool = _O(False, "--overwrite", help="Replace an existing teacher file, or a checkpoint of other "
+                         "settings: start afresh (the old <out>.ckpt is deleted)."),
     quiet: bool = _O(False, "--quiet", "-q", help="Only errors and the final line."),
     weights: Optional[Path] = _O(None, "--weights", help="No training: wrap this state_dict (torchvision .pth, "
                                  "SRe2L/DWA ckpt.pth, RDED {dataset}_{arch}.pth) into a teacher file for --arch and "
@@ -931,7 +1044,7 @@ def main(
                      test_per_class=test_per_class, seed=seed, eval_every=eval_every, amp=amp)
     squeeze(dataset, data_path, out, recipe, overrides, device=device, resume=resume, overwrite=overwrite,
             quiet=quiet, workers=workers, resolution=res, evaluate_test=do_eval, eval_resize=eval_resize,
-            max_memory_gb=max_memory_gb)
+            max_memory_gb=max_memory_gb, ckpt_every=ckpt_every)
 
 
 eval_only_fn = eval_only   # main's --eval-only parameter shadows the function's name inside main
