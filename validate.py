@@ -7,6 +7,10 @@ Every arm ("syn", and the baselines "random", "herding" and "full") is trained w
 explicit seeds (run i uses seed + i), and is measured once on the real test set after its last epoch: no epoch or
 checkpoint is ever chosen on the test set. Accuracies are fractions; std is the population std over runs.
 Finished runs are recorded one CSV row each, so the same command after an interruption resumes with the next run.
+The run in flight is checkpointed every `--ckpt-every` epochs, and when SIGTERM/SIGUSR1 asks it to stop, to
+`<results stem>.ckpt.pt` (weights, optimiser, epoch, the run's generator, the global RNGs): the same command continues
+it mid-training and records exactly the numbers of an uninterrupted run. A NaN/inf loss stops with one line naming
+the lr flag to lower; the last good checkpoint is kept and the diverged run gets no row.
 
 `--preset idc` (or `dream`) sets the recipe of IDC/DREAM's test.py (idc_dream.md §5, `idc_protocol`); `--preset speed`
 (or `mtt`) that of MTT/SPEED's evaluate_synset (speed.md §5.2, `trajectory_protocol`). Flags given explicitly on
@@ -32,7 +36,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,19 +46,21 @@ import typer
 
 from networks import EVAL_POOLS, get_network
 from networks.registry import eval_pool
+from utils.checkpoint import capture_rng, restore_rng, save_state
 from utils.coreset import herding_indices
 from utils.datasets import (IMAGENET_SUBSETS, DatasetSpec, FileDataset, dataset_labels, load_split, normalize,
                             open_split, per_class_indices, take, to_pixels)
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env_info, init_distributed
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, safe_torch_load
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
                       train_network_kd)
 from utils.misc import RunLog, cli_errors, resolve_device
+from utils.signals import StopRequest, Stopped
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
-from utils.train import TrainRecipe, evaluate, train_network
+from utils.train import EpochHook, TrainRecipe, TrainResume, evaluate, train_network
 
 def default_model(resolution: int) -> str:
     """ConvNet deep enough to reach a 4×4 map (speed.md §2): 28/32 px -> ConvNet-3, 64 -> 4, 128 -> 5."""
@@ -196,11 +202,131 @@ def _record_run(log: RunLog, model: str, arm: str, seed: int, n_train: int, reci
     return acc
 
 
+# ------------------------------------------------------------------------------------- run checkpoints
+
+CKPT_FORMAT = "ddtoolkit-validate-ckpt-1"
+
+
+@dataclass
+class RunState:
+    """The resume checkpoint of the one training run in flight, identified by (model, arm, seed)."""
+    model: str
+    arm: str
+    seed: int
+    epoch: int                 # epochs finished
+    losses: list               # their mean training losses
+    net: dict                  # the network's state_dict after them
+    opt: dict                  # the optimiser's state_dict
+    generator: torch.Tensor    # the run's torch.Generator (batch order, DSA / views, CutMix / mix)
+    rng: dict                  # utils.checkpoint.capture_rng(): global torch / numpy / python states
+    seconds: float             # training time so far, so the CSV's seconds column counts the whole run
+
+
+def ckpt_path_for(results: Path) -> Path:
+    return results.with_suffix(".ckpt.pt")
+
+
+class RunCheckpoints:
+    """Checkpoints of the training run in flight, one file beside the results, tagged with the configuration key.
+
+    `open` reads a checkpoint left by an interrupted invocation (refusing one of another configuration); a run
+    whose (model, arm, seed) it names continues from it (`resume`). `hook` gives the run's on_epoch_end, which
+    writes every `every` epochs (0: never) and, when a stop was requested, writes and raises Stopped. Under torchrun
+    every rank resumes from the same file, only rank 0 writes it, and the ranks agree on stopping (a signal may
+    reach them at different epochs)."""
+
+    def __init__(self, path: Path, fingerprint: str, every: int, stop: StopRequest | None = None,
+                 log: RunLog | None = None, dist_info: DistInfo = DistInfo(),
+                 device: torch.device = torch.device("cpu")):
+        self.path, self.fingerprint, self.every, self.stop = Path(path), fingerprint, every, stop
+        self.log = log or RunLog(None, quiet=True)
+        self.dist_info, self.device = dist_info, device
+        self.pending: RunState | None = None
+
+    def open(self, overwrite: bool) -> None:
+        if overwrite:
+            if self.dist_info.is_main:
+                self.path.unlink(missing_ok=True)
+            return
+        if not self.path.is_file():
+            return
+        d = safe_torch_load(self.path, "validate.py checkpoint")
+        if not isinstance(d, dict) or d.get("format") != CKPT_FORMAT:
+            raise UserError(f"{self.path} is not a validate.py checkpoint; move it away or choose another --results")
+        if d.get("fingerprint") != self.fingerprint:
+            raise UserError(f"{self.path} holds a run of another configuration; pass --overwrite or choose another "
+                            "--results")
+        self.pending = RunState(**{k: d[k] for k in RunState.__dataclass_fields__})
+
+    def resume(self, model: str, arm: str, seed: int, net: torch.nn.Module, gen: torch.Generator
+               ) -> tuple[TrainResume | None, float]:
+        """(TrainResume, seconds so far) for the run (model, arm, seed) if the checkpoint holds it, after putting
+        back its weights, its generator and the global RNGs; (None, 0) for a fresh run."""
+        st = self.pending
+        if st is None or (st.model, st.arm, int(st.seed)) != (model, arm, seed):
+            return None, 0.0
+        self.pending = None
+        net.load_state_dict(st.net)
+        gen.set_state(st.generator)
+        restore_rng(st.rng)
+        self.log.info(f"  {model} {arm} seed {seed}: resuming after epoch {st.epoch} from {self.path}")
+        return TrainResume(int(st.epoch), st.opt, list(st.losses)), float(st.seconds)
+
+    def _stop_requested(self) -> bool:
+        mine = self.stop is not None and self.stop.requested
+        if not self.dist_info.enabled:
+            return mine
+        flag = torch.tensor([float(mine)], device=_collective_device(self.device))
+        return bool(all_reduce_sum(flag, self.dist_info).item() > 0)
+
+    def _stopped(self, what: str) -> Stopped:
+        by = self.stop.name if self.stop is not None and self.stop.requested else "a signal to another rank"
+        return Stopped(f"stopped by {by}; {what}; re-run the same command to continue")
+
+    def between_runs(self) -> None:
+        """A safe point before a run starts: every finished run is a CSV row."""
+        if self._stop_requested():
+            raise self._stopped(f"every finished run is recorded in {self.log.csv_path or 'the results CSV'}")
+
+    def hook(self, model: str, arm: str, seed: int, epochs: int, gen: torch.Generator, t0: float) -> EpochHook:
+        def on_epoch_end(done: int, net: torch.nn.Module, opt: torch.optim.Optimizer, losses: list) -> None:
+            stop = self._stop_requested()
+            # the last epoch is not written periodically: the run's row follows at once
+            if stop or (self.every > 0 and done % self.every == 0 and done < epochs):
+                if self.dist_info.is_main:
+                    state = RunState(model=model, arm=arm, seed=seed, epoch=done, losses=list(losses),
+                                     net={k: v.detach().cpu() for k, v in net.state_dict().items()},
+                                     opt=opt.state_dict(), generator=gen.get_state(), rng=capture_rng(),
+                                     seconds=time.time() - t0)
+                    save_state(state, self.path, CKPT_FORMAT, self.fingerprint)
+            if stop:
+                raise self._stopped(f"checkpoint written after epoch {done}/{epochs} of {model} {arm} seed {seed} "
+                                    f"({self.path})")
+        return on_epoch_end
+
+    def finished(self) -> None:
+        """The run's row is recorded: its checkpoint is no longer needed."""
+        if self.dist_info.is_main:
+            self.path.unlink(missing_ok=True)
+
+
+def _start_run(ckpt: RunCheckpoints | None, model: str, arm: str, seed: int, epochs: int, net: torch.nn.Module,
+               gen: torch.Generator) -> tuple[dict, float]:
+    """train_network(_kd) keywords for one run (resume state, epoch hook, kept checkpoint) and its start time."""
+    if ckpt is None:
+        return {}, time.time()
+    resume, seconds = ckpt.resume(model, arm, seed, net, gen)
+    t0 = time.time() - seconds
+    return dict(resume=resume, on_epoch_end=ckpt.hook(model, arm, seed, epochs, gen, t0), ckpt=ckpt.path), t0
+
+
 def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, prepare: Callable,
               spec: DatasetSpec, recipe: TrainRecipe, seeds: list[int], score: Callable[[torch.nn.Module], float],
-              device: torch.device, log: RunLog, pick: Callable[[int], tuple] | None = None) -> dict:
+              device: torch.device, log: RunLog, pick: Callable[[int], tuple] | None = None,
+              ckpt: RunCheckpoints | None = None, lr_flag: str = "--lr") -> dict:
     """Train one fresh `model` per seed on the arm's data and `score` it once, after the last epoch;
-    `pick(seed)` may draw the data per run."""
+    `pick(seed)` may draw the data per run. With `ckpt`, a run in flight is checkpointed and resumed;
+    `lr_flag` is the flag a diverged run tells the user to lower."""
     accs = []
     for seed in seeds:
         done = log.find(model=model, arm=arm, seed=seed)
@@ -208,14 +334,19 @@ def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, 
             accs.append(float(done["test_acc"]))
             log.info(f"  {model} {arm:6s} seed {seed}: test acc {accs[-1]:.4f} (resumed from {log.csv_path})")
             continue
+        if ckpt is not None:
+            ckpt.between_runs()
         torch.manual_seed(seed)  # network init comes from the global RNG; the generator drives data order + DSA
         gen = torch.Generator().manual_seed(seed)
         if pick is not None:
             inputs, labels = pick(seed)
         net = get_network(model, spec.channels, spec.num_classes, spec.resolution)
-        t0 = time.time()
-        losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}")
+        kw, t0 = _start_run(ckpt, model, arm, seed, recipe.epochs, net, gen)
+        losses = train_network(net, inputs, labels, recipe, gen, device, prepare, desc=f"{arm} seed {seed}",
+                               lower=f"{lr_flag} (now {recipe.lr:g})", **kw)
         accs.append(_record_run(log, model, arm, seed, len(labels), recipe, losses, score(net), t0))
+        if ckpt is not None:
+            ckpt.finished()
     return summarize(accs, seeds)
 
 
@@ -223,13 +354,14 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
              models: list[str], recipe: TrainRecipe, baselines: list[str], runs: int, seed: int, ipc: int | None,
              full_recipe: TrainRecipe | None, device: torch.device, log: RunLog,
              space: str = "normalized", zca_state: dict | None = None, workers: int = 0,
-             herding_model: str | None = None, herding_epochs: int = 5) -> dict:
+             herding_model: str | None = None, herding_epochs: int = 5,
+             ckpt: RunCheckpoints | None = None) -> dict:
     """Run every arm for every model. `train` (for the baselines) and `test` are real splits as `open_split`
     datasets of uint8 images, or (images, labels) pairs. Returns {model: {arm: summary}}.
 
     The herding subset (`ipc` per class) is selected once, from features of a `herding_model` (default: the first
     of `models`) trained for `herding_epochs` with `seed`, and shared by every model and run; it is computed only
-    if some herding run is not already recorded in the log."""
+    if some herding run is not already recorded in the log. `ckpt` checkpoints and resumes the run in flight."""
     real_prep, syn_prep = input_space(spec, space, zca_state)
     seeds = [seed + i for i in range(runs)]
 
@@ -252,7 +384,8 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
         res: dict[str, dict] = {}
         if syn is not None:
             images, labels = syn.decode()
-            res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, score, device, log)
+            res["syn"] = train_arm("syn", model, images, labels, syn_prep, spec, recipe, seeds, score, device, log,
+                                   ckpt=ckpt)
         if "random" in baselines:
             train_labels = dataset_labels(train)
 
@@ -260,15 +393,15 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
                 idx = _random_subset(train_labels, spec.num_classes, _ipc, s)
                 return take(train, idx), train_labels[idx]
             res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, score, device,
-                                      log, pick=pick)
+                                      log, pick=pick, ckpt=ckpt)
             res["random"]["ipc"] = ipc
         if "herding" in baselines:
             res["herding"] = train_arm("herding", model, None, None, real_prep, spec, recipe, seeds, score, device,
-                                       log, pick=pick_herding)
+                                       log, pick=pick_herding, ckpt=ckpt)
             res["herding"].update(ipc=ipc, herding_model=herd_model, herding_epochs=herding_epochs)
         if "full" in baselines:
             res["full"] = train_arm("full", model, *train.tensors, real_prep, spec, full_recipe, seeds, score,
-                                    device, log)
+                                    device, log, ckpt=ckpt, lr_flag="--full-lr")
         out[model] = res
     return out
 
@@ -434,7 +567,7 @@ def train_arm_kd(arm: str, model: str, images: torch.Tensor | None, labels: torc
                  spec: DatasetSpec, recipe: KDRecipe, seeds: list[int], score: Callable[[torch.nn.Module], float],
                  device: torch.device, log: RunLog, *, prepare: Callable, soft_targets: Callable | None = None,
                  stored=None, shard: Shard = Shard(), teacher_net: torch.nn.Module | None = None,
-                 pick: Callable[[int], tuple] | None = None) -> dict:
+                 pick: Callable[[int], tuple] | None = None, ckpt: RunCheckpoints | None = None) -> dict:
     """`train_arm` for the KD protocol: one fresh student per seed, scored once after its last epoch. A teacher
     in train BN mode has its buffers restored after every run, so no run sees another run's drift."""
     accs = []
@@ -444,6 +577,8 @@ def train_arm_kd(arm: str, model: str, images: torch.Tensor | None, labels: torc
             accs.append(float(done["test_acc"]))
             log.info(f"  {model} {arm:10s} seed {seed}: test acc {accs[-1]:.4f} (resumed from {log.csv_path})")
             continue
+        if ckpt is not None:
+            ckpt.between_runs()
         if pick is not None:
             images, labels = pick(seed)
         torch.manual_seed(seed)  # network init from the global RNG; the generator drives order, views and mix
@@ -452,16 +587,19 @@ def train_arm_kd(arm: str, model: str, images: torch.Tensor | None, labels: torc
         saved = None
         if teacher_net is not None and recipe.teacher_bn_mode == "train":
             saved = {k: v.detach().clone() for k, v in teacher_net.state_dict().items()}
-        t0 = time.time()
+        kw, t0 = _start_run(ckpt, model, arm, seed, recipe.epochs, net, gen)
         try:
             losses = train_network_kd(net, images, labels, recipe, gen, device, soft_targets=soft_targets,
-                                      stored=stored, prepare=prepare, shard=shard, desc=f"{arm} seed {seed}")
+                                      stored=stored, prepare=prepare, shard=shard, desc=f"{arm} seed {seed}",
+                                      lower=f"--lr (now {recipe.lr:g})", **kw)
         finally:
             if saved is not None:
                 teacher_net.load_state_dict(saved)
             if teacher_net is not None:
                 teacher_net.eval()  # frozen teachers rest in eval mode (features for diversity, the next run)
         accs.append(_record_run(log, model, arm, seed, len(labels), recipe, losses, score(net), t0))
+        if ckpt is not None:
+            ckpt.finished()
     return summarize(accs, seeds)
 
 
@@ -471,7 +609,7 @@ def validate_kd(images: torch.Tensor | None, labels: torch.Tensor | None, spec: 
                 device: torch.device, log: RunLog, stored=None, hard_labels: bool = False,
                 eval_transform: str = "none", full_epochs: int = 20, dist_info: DistInfo = DistInfo(),
                 workers: int = 0, herding_model: str | None = None, herding_epochs: int = 5,
-                teacher_source: str | None = None) -> dict:
+                teacher_source: str | None = None, ckpt: RunCheckpoints | None = None) -> dict:
     """Every arm of the KD protocol for every student: "syn" (the set, soft labels from the online `teacher` or
     from `stored`), "hard_label" (the same student, recipe and seeds with cross-entropy on the set's hard labels,
     if asked), and the baselines "random" / "herding" / "full" (real images trained with the SAME teacher,
@@ -512,7 +650,7 @@ def validate_kd(images: torch.Tensor | None, labels: torch.Tensor | None, spec: 
     out: dict[str, dict] = {}
     for model in models:
         recipe = recipe_for(model)
-        kw = dict(prepare=prepare, shard=shard, teacher_net=teacher_net)
+        kw = dict(prepare=prepare, shard=shard, teacher_net=teacher_net, ckpt=ckpt)
         res: dict[str, dict] = {}
         if images is not None:
             res["syn"] = train_arm_kd("syn", model, images, labels, spec, recipe, seeds, score, device, log,
@@ -674,7 +812,14 @@ def main(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     download: bool = typer.Option(False, "--download", help="Try torchvision's downloader when files are missing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard the runs recorded in an existing results "
-                                   "CSV instead of resuming from them (needed when its configuration differs)."),
+                                   "CSV and any run checkpoint beside it instead of resuming from them (needed when "
+                                   "its configuration differs)."),
+    ckpt_every: int = typer.Option(50, "--ckpt-every", help="While a training run is in flight, write its full "
+                                   "state (weights, optimiser, epoch, RNGs) every this many epochs to "
+                                   "<results stem>.ckpt.pt, so the same command continues it mid-training with "
+                                   "exactly the numbers of an uninterrupted run; the file is deleted once the run's "
+                                   "row is recorded. 0: only when SIGTERM/SIGUSR1 stops the run (it is then "
+                                   "written after the epoch in flight, exit status 143)."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
     # ---- knowledge-distillation protocol (decoupled.md §6)
     teacher: Optional[Path] = typer.Option(None, "--teacher", "--teacher-path", help="KD mode: a teacher file "
@@ -740,6 +885,9 @@ def main(
     rank 0 writes.
     """
     cli = dict(locals())
+    if ckpt_every < 0:
+        raise UserError(f"--ckpt-every must be 0 (only on a stop request) or a positive number of epochs, got "
+                        f"{ckpt_every}")
     if teacher is not None or soft_labels is not None:
         return run_kd(cli)
     kd_only = dict(temperature=temperature, kd_mix=kd_mix, optimizer=optimizer, t_squared=t_squared,
@@ -855,11 +1003,16 @@ def main(
     log.info(f"validate: {spec.name} ({spec.num_classes} classes, {spec.resolution}px), arms {arms}, models "
              f"{models}, {runs} runs, {recipe.epochs} epochs (full: {full_epochs}), lr {recipe.lr:g}, batch "
              f"{recipe.batch_size}, CutMix p {recipe.mix_p:g}, preset {preset or 'none'}, device {dev}")
+    ckpt = RunCheckpoints(ckpt_path_for(results), key, ckpt_every, log=log, device=dev)
+    ckpt.open(overwrite)
     t0 = time.time()
-    by_model = validate(synset, spec, train, test, models=models, recipe=recipe, baselines=baseline, runs=runs,
-                        seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev, log=log, space=space,
-                        zca_state=zca_state, workers=workers, herding_model=config["herding_model"],
-                        herding_epochs=herding_epochs)
+    with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint the run in flight after its epoch, exit 143
+        ckpt.stop = stop
+        by_model = validate(synset, spec, train, test, models=models, recipe=recipe, baselines=baseline,
+                            runs=runs, seed=seed, ipc=ipc, full_recipe=full_recipe, device=dev, log=log,
+                            space=space, zca_state=zca_state, workers=workers,
+                            herding_model=config["herding_model"], herding_epochs=herding_epochs, ckpt=ckpt)
+    ckpt.finished()  # one left by a run that was recorded just before an earlier kill
     report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
               "space": "zca" if zca_state is not None else "normalized",
               "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
@@ -1066,14 +1219,20 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
              f"{r0.epochs} epochs, {r0.optimizer} lr {r0.lr:g}, batch {r0.batch_size}, T {r0.temperature:g}"
              f"{' ×T²' if r0.t_squared else ''}, mix {r0.mix}, crop {r0.crop}, teacher BN {r0.teacher_bn_mode}, "
              f"preset {preset or 'none'}, device {dev}, ranks {info.world_size}")
+    ckpt = RunCheckpoints(ckpt_path_for(results), key, c["ckpt_every"], log=log, dist_info=info, device=dev)
+    ckpt.open(c["overwrite"])
     t0 = time.time()
-    by_model = validate_kd(images, labels, spec, train, test, models=models, recipe_for=recipes.__getitem__,
-                           teacher=teacher, norm=norm, baselines=baseline, runs=c["runs"], seed=seed, ipc=ipc,
-                           device=dev, log=log, stored=stored, hard_labels=c["hard_labels"],
-                           eval_transform=opt["eval_transform"], full_epochs=c["full_epochs"], dist_info=info,
-                           workers=c["workers"], herding_model=config["herding_model"],
-                           herding_epochs=c["herding_epochs"],
-                           teacher_source=kd_config["teacher"] or stored_teacher_info(manifest or {})["path"])
+    with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint the run in flight after its epoch, exit 143
+        ckpt.stop = stop
+        by_model = validate_kd(images, labels, spec, train, test, models=models, recipe_for=recipes.__getitem__,
+                               teacher=teacher, norm=norm, baselines=baseline, runs=c["runs"], seed=seed, ipc=ipc,
+                               device=dev, log=log, stored=stored, hard_labels=c["hard_labels"],
+                               eval_transform=opt["eval_transform"], full_epochs=c["full_epochs"],
+                               dist_info=info, workers=c["workers"], herding_model=config["herding_model"],
+                               herding_epochs=c["herding_epochs"],
+                               teacher_source=kd_config["teacher"] or stored_teacher_info(manifest or {})["path"],
+                               ckpt=ckpt)
+    ckpt.finished()  # one left by a run that was recorded just before an earlier kill
     if not info.is_main:
         return
     diversity = by_model.pop("_diversity", None)

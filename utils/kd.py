@@ -15,11 +15,16 @@ set; the references report the best of their periodic evaluations, decoupled.md 
 Under torchrun (`dist` enabled) the student is wrapped in DistributedDataParallel. Every rank draws the same
 batch order, views and mix (same seed), and rank r trains on rows r::world of every batch, so the union over
 ranks is exactly the single-process batch (decoupled.md §8.2, Validation).
+
+Resume works as in `utils.train.train_network`: `on_epoch_end` after every finished epoch, `resume` (a
+`utils.train.TrainResume`) to continue; the schedule depends on the epoch alone and the teacher holds no state
+that changes its labels (in train BN mode only its running buffers move, and those are not used to label).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -28,9 +33,11 @@ import torch.nn.functional as F
 
 from utils.augment import apply_flip, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
 from utils.augment import crop_resize as _crop_resize
+from utils.checkpoint import check_finite
 from utils.errors import UserError
 from utils.misc import progress
-from utils.train import _batches, _draw, cutmix, identity, mixed_cross_entropy, sample_beta
+from utils.train import (EpochHook, TrainResume, _batches, _draw, cutmix, identity, mixed_cross_entropy,
+                         sample_beta)
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 
@@ -319,7 +326,9 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      generator: torch.Generator, device: torch.device,
                      soft_targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      stored: StoredSoftLabels | None = None, prepare: Prepare = identity,
-                     shard: Shard = Shard(), desc: str = "kd") -> list[float]:
+                     shard: Shard = Shard(), desc: str = "kd", *, resume: TrainResume | None = None,
+                     on_epoch_end: EpochHook | None = None, lower: str | None = None,
+                     ckpt: str | Path | None = None) -> list[float]:
     """Train `net` in place on `images` (pixel space [0, 1], float or uint8 [N, C, R, R]) and return the
     per-epoch mean training loss (logs only, never selection).
 
@@ -331,6 +340,8 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
       recipe's batch size, crop and mix do not apply;
     - neither: cross-entropy on the hard labels, mixed like the views (the hard-label arm).
     Under DDP (`shard.world` > 1, process group initialised) each rank keeps rows rank::world of every batch.
+    `resume` / `on_epoch_end` / `lower` / `ckpt`: as in `utils.train.train_network` (`on_epoch_end` gets the bare
+    student, not its DDP wrapper).
     """
     check_recipe(recipe)
     if stored is not None and soft_targets is not None:
@@ -347,8 +358,11 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     n = len(images)
     bs = min(recipe.batch_size, n)
     stored_images = prepare(_to_pixels(images)) if stored is not None else None
-    losses = []
-    for epoch in progress(range(recipe.epochs), total=recipe.epochs, desc=desc):
+    start, losses = 0, []
+    if resume is not None:
+        opt.load_state_dict(resume.opt)
+        start, losses = resume.epoch, [float(v) for v in resume.losses]
+    for epoch in progress(range(start, recipe.epochs), total=recipe.epochs - start, desc=desc):
         factor = lr_factor(recipe.schedule, epoch, recipe.epochs, recipe.warmup_epochs, recipe.warmup_start)
         for g in opt.param_groups:
             g["lr"] = recipe.lr * factor
@@ -377,8 +391,10 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             total += loss.item() * len(views)
             count += len(views)
         losses.append(total / max(count, 1))
-        if not math.isfinite(losses[-1]):
-            raise UserError(f"KD training loss became {losses[-1]} at epoch {epoch}; lower the lr (now {recipe.lr})")
+        check_finite(losses[-1], f"epoch {epoch + 1}/{recipe.epochs} of {desc}",
+                     lower or f"the lr (now {recipe.lr:g})", ckpt)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, net, opt, losses)
     return losses
 
 

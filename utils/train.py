@@ -8,10 +8,15 @@ measured once, after the last epoch: there is no model selection on the test set
 
 Inputs may be stored compactly (e.g. uint8 real images) and mapped to the network's input space batch by batch
 with `prepare`, so a full training set never needs a float copy in memory.
+
+A caller that checkpoints (validate.py) passes `on_epoch_end`, called after every finished epoch with what it needs
+to save, and continues an interrupted run with `resume` (a `TrainResume`) after putting back the weights and RNGs.
+The lr schedule is a pure function of the epoch, so the epoch count is all of its state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import math
@@ -20,10 +25,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checkpoint import check_finite
 from utils.errors import UserError
 from utils.misc import progress
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
+# on_epoch_end(epochs_done, net, optimiser, losses_so_far): called after each finished epoch whose loss is finite
+EpochHook = Callable[[int, nn.Module, torch.optim.Optimizer, list], None]
+
+
+@dataclass
+class TrainResume:
+    """Where an interrupted training run continues: `epoch` epochs are done, `opt` is the optimiser's state_dict
+    after them and `losses` their mean losses. The caller has already put back the network's weights, the run's
+    generator and the global RNGs as they were at that moment."""
+    epoch: int
+    opt: dict
+    losses: list
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +181,13 @@ def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor,
 
 def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe,
                   generator: torch.Generator, device: torch.device, prepare: Prepare = identity,
-                  desc: str = "train") -> list[float]:
-    """Train `net` in place; returns the per-epoch mean training loss (for logs, never for selection)."""
+                  desc: str = "train", *, resume: TrainResume | None = None, on_epoch_end: EpochHook | None = None,
+                  lower: str | None = None, ckpt: str | Path | None = None) -> list[float]:
+    """Train `net` in place; returns the per-epoch mean training loss (for logs, never for selection).
+
+    `resume` continues a run after its `epoch` finished epochs (see TrainResume); `on_epoch_end` sees every
+    finished epoch. A NaN/inf epoch loss stops with `utils.checkpoint.Diverged`, naming `lower` (the caller's lr
+    flag; default "the lr") and the kept checkpoint `ckpt`; `on_epoch_end` never sees that epoch."""
     if not torch.isfinite(torch.tensor(recipe.lr)) or recipe.lr <= 0:
         raise UserError(f"training lr must be a positive finite number, got {recipe.lr}")
     if not 0 <= recipe.mix_p <= 1:
@@ -176,8 +199,13 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
                           weight_decay=recipe.weight_decay)
     n = len(inputs)
     bs = min(recipe.batch_size, n)
-    losses = []
-    for epoch in progress(range(recipe.epochs), total=recipe.epochs, desc=desc):
+    start, losses = 0, []
+    if resume is not None:
+        # the state of whichever optimiser was live then; under 'mtt' the loop below still replaces it at the
+        # drop epoch when that epoch is yet to run, exactly as an uninterrupted run does
+        opt.load_state_dict(resume.opt)
+        start, losses = resume.epoch, [float(v) for v in resume.losses]
+    for epoch in progress(range(start, recipe.epochs), total=recipe.epochs - start, desc=desc):
         if recipe.schedule == "mtt" and epoch == mtt_drop_epoch(recipe.epochs) + 1:  # the reference's new optimiser
             opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                   weight_decay=recipe.weight_decay)
@@ -204,8 +232,10 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
             total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / count)
-        if not torch.isfinite(torch.tensor(losses[-1])):
-            raise UserError(f"training loss became {losses[-1]} at epoch {epoch}; lower the lr (now {recipe.lr})")
+        check_finite(losses[-1], f"epoch {epoch + 1}/{recipe.epochs} of {desc}",
+                     lower or f"the lr (now {recipe.lr:g})", ckpt)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, net, opt, losses)
     return losses
 
 
