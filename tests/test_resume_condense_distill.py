@@ -166,3 +166,36 @@ def test_distill_exploding_learned_lr_stops_keeping_the_last_good_checkpoint(mni
     if failed_at > 0:   # every finished iteration was checkpointed, and the diverged one was not
         assert torch.load(out / "ckpt.pt", weights_only=True)["it"] == failed_at
     assert not (out / "synset.pt").exists()
+
+
+def test_sbatch_usr1_requeues_and_the_requeued_job_finishes_the_same_set(mnist, condense_straight, tmp_path):
+    """scripts/slurm/condense.sbatch as Slurm runs it: USR1 to the batch shell (--signal=B:USR1@120) calls
+    `scontrol requeue <job>` and SIGTERMs the experiment, whose condense.py writes its checkpoint and stops; the
+    requeued job (the same batch script again) finishes the same set as an uninterrupted run."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol calls"
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    out = tmp_path / "job out"
+    script = tmp_path / "row script.sh"
+    script.write_text("set -euo pipefail\n" + " ".join(f"'{a}'" for a in _condense(mnist, out)) + "\n")
+    env = {**ONE_THREAD, "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(ROOT),
+           "PATH": f"{fake_bin}:{ONE_THREAD['PATH']}"}
+    sbatch = [str(ROOT / "scripts" / "slurm" / "condense.sbatch"), str(script)]
+    job = subprocess.Popen(["bash", *sbatch], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    end = time.time() + 120
+    while csv_rows(out / "log.csv") < 2 and time.time() < end:
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    log, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, log
+    assert calls.read_text().split() == ["requeue", "77"]
+    assert "stopped by SIGTERM; checkpoint written after outer iteration" in log
+    assert 1 <= torch.load(out / "ckpt.pt", weights_only=True)["it"] < 40 and not (out / "synset.pt").exists()
+    requeued = subprocess.run(["bash", *sbatch], cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1"},
+                              capture_output=True, text=True, timeout=240)
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert torch.equal(_set(out)["tensors"]["images"], _set(condense_straight)["tensors"]["images"])
