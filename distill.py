@@ -534,7 +534,7 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
             opt.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss) or not torch.isfinite(alpha.grad if alpha.grad is not None else alpha):
-            raise UserError(f"the matching loss became {float(loss)} at iteration {it}; the last checkpoint is "
+            raise UserError(f"the matching loss became {float(loss.detach())} at iteration {it}; the last checkpoint is "
                             f"kept. Lower --lr-{'scm' if cfg.method == 'speed' else 'img'} or --lr-lr and re-run "
                             "with --overwrite (a fresh start with the new value)")
         for opt in [*params.optimizers, alpha_opt]:

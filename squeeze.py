@@ -31,6 +31,7 @@ request, so all stop after the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -51,7 +52,7 @@ from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_datas
                             per_class_indices, read_split)
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, device_for, init_distributed
 from utils.errors import UserError
-from utils.io import atomic_write_json, safe_torch_load
+from utils.io import atomic_write_json, run_lock, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest, Stopped
 from utils.teacher import NORMALIZATIONS, load_teacher, resolve_normalization, save_teacher
@@ -694,9 +695,14 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
         raise UserError(f"{paths['teacher']} already exists; pass --overwrite to replace it or choose another --out")
     info = init_distributed(dev)
     dev = device_for(info, dev)
+    # one writer per teacher file (rank 0 holds the lock for the job)
+    lock = run_lock(paths["teacher"].parent, "squeeze.py", f".{paths['teacher'].name}.lock") if info.is_main \
+        else contextlib.nullcontext()
     try:
-        return _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume, overwrite, stop_after,
-                        quiet, workers, resolution, evaluate_test, eval_resize, max_memory_gb, ckpt_every)
+        with lock:
+            return _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume, overwrite,
+                            stop_after, quiet, workers, resolution, evaluate_test, eval_resize, max_memory_gb,
+                            ckpt_every)
     finally:
         cleanup(info)
 

@@ -79,14 +79,16 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
 
 
 @contextmanager
-def run_lock(folder: str | Path, stage: str) -> Iterator[None]:
-    """Hold an exclusive lock on `<folder>/.lock` while a stage writes `folder`, so a second process started on
+def run_lock(folder: str | Path, stage: str, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive lock on `<folder>/<name>` while a stage writes `folder` (or one output file in it), so a second process started on
     the same output (a double-submitted job, a requeue racing its old copy) fails with one line instead of
     interleaving its files. flock locks vanish with their process, so a SIGKILLed run never leaves a stale lock.
     (flock is per host on most network file systems: two hosts are not excluded there.)"""
     folder = Path(folder)
+    created = [] if folder.is_dir() else [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".lock", "a+")
+    f = open(folder / name, "a+")
+    locked = False
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,10 +97,18 @@ def run_lock(folder: str | Path, stage: str) -> Iterator[None]:
             holder = f.read().strip() or "unknown process"
             raise UserError(f"{folder} is being written by another {stage} process ({holder}); wait for it to end "
                             "or choose another output folder") from None
+        locked = True
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield
     finally:
+        if locked:   # leave no trace: the lock file goes, and so do the folders we made if nothing else was written
+            (folder / name).unlink(missing_ok=True)
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
         f.close()   # closing releases the lock
