@@ -34,7 +34,8 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
-from utils.checkpoint import check_finite, load_state, resume_or_start, settings_fingerprint, state_dict
+from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng, resume_or_start,
+                              settings_fingerprint, state_dict)
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import RunLog, cli_errors, progress, resolve_device
@@ -519,6 +520,7 @@ class RunState:
     opt: Optional[dict] = None
     dream_idx: Optional[list] = None
     history: list = field(default_factory=list)
+    rng: Optional[dict] = None                    # global torch/numpy/python RNG at the checkpoint
 
 
 def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, labels: torch.Tensor, device,
@@ -558,6 +560,8 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
         py_rng.setstate(_tuple(state.py_rng))
         class_stream.load_state_dict(state.class_stream)
         set_stream.load_state_dict(state.set_stream)
+        if state.rng is not None:
+            restore_rng(state.rng)
         if state.net is not None:
             net = fresh_network(cfg, spec, 0, device)
             net.load_state_dict(state.net)
@@ -650,6 +654,7 @@ def checkpoint_dict(state: RunState, fingerprint: str) -> dict:
     d = state_dict(state, CKPT_FORMAT, fingerprint)
     d["S"], d["buf"] = state.S.detach().cpu(), state.buf.detach().cpu()
     d["py_rng"] = list(state.py_rng) if state.py_rng is not None else None
+    d["rng"] = capture_rng()   # the run draws from `gen` and `py_rng`; the global RNG is saved so nothing can drift
     return d
 
 

@@ -37,7 +37,7 @@ from networks.functional import FlatNet
 from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
-from utils.checkpoint import load_state, resume_or_start, settings_fingerprint, state_dict
+from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.misc import RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
@@ -482,6 +482,7 @@ class RunState:
     gen: Optional[torch.Tensor] = None
     stream: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    rng: Optional[dict] = None                    # global torch/numpy/python RNG at the checkpoint
 
 
 def make_student(cfg: DistillConfig, spec: DatasetSpec) -> FlatNet:
@@ -534,8 +535,8 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
             opt.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss) or not torch.isfinite(alpha.grad if alpha.grad is not None else alpha):
-            raise UserError(f"the matching loss became {float(loss.detach())} at iteration {it}; the last checkpoint is "
-                            f"kept. Lower --lr-{'scm' if cfg.method == 'speed' else 'img'} or --lr-lr and re-run "
+            raise UserError(f"the matching loss became {float(loss.detach())} at iteration {it}; the last checkpoint "
+                            f"is kept. Lower --lr-{'scm' if cfg.method == 'speed' else 'img'} or --lr-lr and re-run "
                             "with --overwrite (a fresh start with the new value)")
         for opt in [*params.optimizers, alpha_opt]:
             opt.step()
@@ -624,7 +625,9 @@ CKPT_FORMAT = "ddtoolkit-distill-ckpt-1"
 
 
 def checkpoint_dict(state: RunState, fingerprint: str) -> dict:
-    return state_dict(state, CKPT_FORMAT, fingerprint)
+    d = state_dict(state, CKPT_FORMAT, fingerprint)
+    d["rng"] = capture_rng()   # nothing after initialisation draws from it today; saved so nothing new can drift
+    return d
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> RunState:
@@ -811,6 +814,8 @@ def main(
             params.load_state_dict(state.params)
             gen.set_state(state.gen)
             stream.load_state_dict(state.stream)
+            if state.rng is not None:
+                restore_rng(state.rng)
         else:
             state = RunState()
         snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})

@@ -47,7 +47,10 @@ def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         "another --out")
-    return cls(**{f.name: d[f.name] for f in fields(cls)})
+    try:   # fields added later have defaults, so an older checkpoint of the same format still loads
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+    except TypeError as e:
+        raise UserError(f"{path} is an incomplete {stage} checkpoint ({e})") from None
 
 
 def resume_or_start(out: str | Path, load: Callable[[Path], T], overwrite: bool,
