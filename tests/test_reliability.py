@@ -373,3 +373,26 @@ def test_run_lock_admits_one_writer_and_is_released_on_exit(tmp_path):
                 pass
     with run_lock(tmp_path / "out", "x.py"):    # released: the next run gets it
         pass
+
+
+def test_every_row_names_an_existing_test():
+    """docs/RELIABILITY.md is the contract: each row of its fault tables names at least one test, and each named
+    test exists."""
+    rows, in_fault_table = [], False
+    for line in (ROOT / "docs" / "RELIABILITY.md").read_text().splitlines():
+        if re.match(r"\| (fault|bad input|threat) \|", line):
+            in_fault_table = True
+        elif not line.startswith("|"):
+            in_fault_table = False
+        elif in_fault_table and not line.startswith("|---"):
+            rows.append(line)
+    assert len(rows) > 50
+    defined: dict[str, set[str]] = {}
+    for row in rows:
+        named = re.findall(r"(tests/[\w/]+\.py)::(\w+)", row)
+        assert named, f"row without a test: {row}"
+        for path, name in named:
+            if path not in defined:
+                tree = ast.parse((ROOT / path).read_text())
+                defined[path] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            assert name in defined[path], f"{path}::{name} named in docs/RELIABILITY.md does not exist"
