@@ -80,10 +80,10 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
 
 @contextmanager
 def run_lock(folder: str | Path, stage: str, name: str = ".lock") -> Iterator[None]:
-    """Hold an exclusive lock on `<folder>/<name>` while a stage writes `folder` (or one output file in it), so a second process started on
-    the same output (a double-submitted job, a requeue racing its old copy) fails with one line instead of
-    interleaving its files. flock locks vanish with their process, so a SIGKILLed run never leaves a stale lock.
-    (flock is per host on most network file systems: two hosts are not excluded there.)"""
+    """Hold an exclusive lock on `<folder>/<name>` while a stage writes `folder` (or one output file in it), so a
+    second process started on the same output (a double-submitted job, a requeue racing its old copy) fails with one
+    line instead of interleaving its files. flock locks vanish with their process, so a SIGKILLed run never leaves
+    a stale lock. (flock is per host on most network file systems: two hosts are not excluded there.)"""
     folder = Path(folder)
     created = [] if folder.is_dir() else [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
