@@ -38,7 +38,7 @@ from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng
                               settings_fingerprint, state_dict)
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.kmeans import representatives
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.synset import SyntheticSet, make_meta, save_grid, save_synset
 from utils.train import maybe_cutmix, mixed_cross_entropy
@@ -866,6 +866,7 @@ def main(
         # rows logged after the checkpoint belong to iterations that will run again; with no checkpoint, all of them
         log.rows = [r for r in log.rows if int(r.get("it", 0)) <= state.it] if state is not None else []
         if state is None or state.it < cfg.outer_iterations:
+            seed_everything(cfg.seed)   # nothing draws from the global RNGs; seeded so a checkpoint's copy is stable
             with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the outer iteration in flight, exit 143
                 state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
         syn = build_synset(cfg, spec, state.S, clamp_save)

@@ -39,7 +39,7 @@ from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
                          speed_preset, speed_tensors, storage_floats, straight_through_topk)
@@ -512,6 +512,8 @@ def distill(cfg: DistillConfig, spec: DatasetSpec, params, stream: ExpertStream,
         state.params, state.alpha, state.alpha_opt = params.state_dict(), alpha.detach().cpu(), alpha_opt.state_dict()
         state.gen, state.stream = gen.get_state(), stream.state_dict()
 
+    if state.rng is not None:   # last, after everything above that draws (the student's unused init weights)
+        restore_rng(state.rng)
     for it in progress(range(state.it, cfg.iterations), total=cfg.iterations - state.it, desc=cfg.method):
         t0 = time.time()
         traj = stream.next()
@@ -800,7 +802,7 @@ def main(
         # Every random draw: the run generator (E/A init, pixel init, expert order, start epochs, batches, DSA); the
         # global RNG (seeded here) only initialises FReeNet, whose init is not ours to rewrite.
         gen = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)   # torch, numpy, python: a checkpoint's copy of them is then the run's own
         if cfg.method == "speed":
             params = SpeedCode(cfg, spec, dev, gen)
         else:
@@ -814,8 +816,6 @@ def main(
             params.load_state_dict(state.params)
             gen.set_state(state.gen)
             stream.load_state_dict(state.stream)
-            if state.rng is not None:
-                restore_rng(state.rng)
         else:
             state = RunState()
         snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})

@@ -32,6 +32,23 @@ def _set(out):
     return torch.load(out / "synset.pt", weights_only=True)
 
 
+def _same_tensors(a, b, where="ckpt") -> None:
+    """Every tensor and number of two checkpoints equal (wall-clock `seconds` entries excepted)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k != "seconds":
+                _same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def _its(out):
     return [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
 
@@ -55,6 +72,9 @@ def test_condense_killed_then_rerun_equals_uninterrupted(mnist, tmp_path, conden
     a, b = _set(out), _set(condense_straight)
     assert torch.equal(a["tensors"]["images"], b["tensors"]["images"]) and torch.equal(a["labels"], b["labels"])
     assert _its(out) == list(range(1, 41))          # every outer iteration logged once
+    # the final checkpoints agree too, global RNG included: the resumed run drew exactly what the straight one did
+    _same_tensors(torch.load(out / "ckpt.pt", weights_only=True),
+                  torch.load(condense_straight / "ckpt.pt", weights_only=True))
 
 
 def test_condense_refuses_a_second_writer_of_the_same_folder(mnist, tmp_path):
@@ -133,6 +153,7 @@ def test_distill_killed_then_rerun_equals_uninterrupted(mnist, buffers, distill_
     assert a["tensors"].keys() == b["tensors"].keys()
     assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
     assert _its(out) == list(range(60))
+    _same_tensors(torch.load(out / "ckpt.pt", weights_only=True), torch.load(straight / "ckpt.pt", weights_only=True))
 
 
 def test_distill_output_folder_of_a_different_run_is_refused_unless_overwrite(mnist, buffers, tmp_path):
