@@ -371,8 +371,11 @@ def test_run_lock_admits_one_writer_and_is_released_on_exit(tmp_path):
         with pytest.raises(UserError, match=r"being written by another x.py process \(pid \d+ on "):
             with run_lock(tmp_path / "out", "x.py"):
                 pass
-    with run_lock(tmp_path / "out", "x.py"):    # released: the next run gets it
-        pass
+    stale = tmp_path / "out" / "snapshots" / ".synset.pt.abc123.tmp"   # a write killed midway
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    with run_lock(tmp_path / "out", "x.py"):    # released: the next run gets it, and sweeps the stale temp file
+        assert not stale.exists()
 
 
 def test_every_row_names_an_existing_test():

@@ -98,6 +98,9 @@ def run_lock(folder: str | Path, stage: str, name: str = ".lock") -> Iterator[No
             raise UserError(f"{folder} is being written by another {stage} process ({holder}); wait for it to end "
                             "or choose another output folder") from None
         locked = True
+        if name == ".lock":   # the whole folder is ours: temp files of writes killed midway are garbage now
+            for stale in folder.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
