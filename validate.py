@@ -46,14 +46,14 @@ import typer
 
 from networks import EVAL_POOLS, get_network
 from networks.registry import eval_pool
-from utils.checkpoint import capture_rng, restore_rng, save_state
+from utils.checkpoint import capture_rng, load_state, restore_rng, save_state
 from utils.coreset import herding_indices
 from utils.datasets import (IMAGENET_SUBSETS, DatasetSpec, FileDataset, dataset_labels, load_split, normalize,
                             open_split, per_class_indices, take, to_pixels)
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env_info, init_distributed
-from utils.io import atomic_write_json, safe_torch_load
+from utils.io import atomic_write_json
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
                       train_network_kd)
 from utils.misc import RunLog, cli_errors, resolve_device
@@ -250,13 +250,7 @@ class RunCheckpoints:
             return
         if not self.path.is_file():
             return
-        d = safe_torch_load(self.path, "validate.py checkpoint")
-        if not isinstance(d, dict) or d.get("format") != CKPT_FORMAT:
-            raise UserError(f"{self.path} is not a validate.py checkpoint; move it away or choose another --results")
-        if d.get("fingerprint") != self.fingerprint:
-            raise UserError(f"{self.path} holds a run of another configuration; pass --overwrite or choose another "
-                            "--results")
-        self.pending = RunState(**{k: d[k] for k in RunState.__dataclass_fields__})
+        self.pending = load_state(self.path, RunState, CKPT_FORMAT, self.fingerprint, "validate.py", "--results")
 
     def resume(self, model: str, arm: str, seed: int, net: torch.nn.Module, gen: torch.Generator
                ) -> tuple[TrainResume | None, float]:

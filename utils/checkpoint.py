@@ -39,14 +39,15 @@ def save_state(state: Any, path: str | Path, fmt: str, fingerprint: str) -> None
     atomic_torch_save(state_dict(state, fmt, fingerprint), path)
 
 
-def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage: str) -> T:
-    """Read a checkpoint written by `save_state` for `cls`; one-line errors for another stage or other settings."""
+def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage: str, out_flag: str = "--out") -> T:
+    """Read a checkpoint written by `save_state` for `cls`; one-line errors for another stage or other settings
+    (`out_flag`: the stage's flag that names where the checkpoint lives, for the message)."""
     d = safe_torch_load(path, f"{stage} checkpoint")
     if not isinstance(d, dict) or d.get("format") != fmt:
-        raise UserError(f"{path} is not a {stage} checkpoint")
+        raise UserError(f"{path} is not a {stage} checkpoint; move it away or choose another {out_flag}")
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
-                        "another --out")
+                        f"another {out_flag}")
     try:   # fields added later have defaults, so an older checkpoint of the same format still loads
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
     except TypeError as e:
