@@ -1,7 +1,9 @@
 """File I/O shared by every stage: atomic writes and safe loads.
 
 Every artefact is written to a temporary file in the destination folder and renamed into place, so a
-killed job never leaves a half-written file under the final name. Every `torch.load` goes through
+killed job never leaves a half-written file under the final name. Temp files and folders get the mode a plain
+`open` / `mkdir` would give (0666 / 0777 less the umask), not mkstemp's 0600 / mkdtemp's 0700: the result keeps
+its temp file's mode, and colleagues reading a shared results folder must be able to open it. Every `torch.load` goes through
 `safe_torch_load`, which uses `weights_only=True`: a file carrying pickled code is refused, not run.
 """
 from __future__ import annotations
@@ -21,10 +23,32 @@ import torch
 from utils.errors import UserError
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux offers it (setting it to read it back is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `parent`, with the mode `mkdir` would give: a temp folder renamed into place as the
+    result (a synthetic set, an export) keeps its mode, and mkdtemp's 0700 locks everyone else out."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp's 0600 would become the artefact's mode
     os.close(fd)
     try:
         write(Path(tmp))

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from PIL import Image
 
 from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec
 from utils.errors import UserError
-from utils.io import safe_torch_load
+from utils.io import make_temp_dir, safe_torch_load
 
 FORMAT = "ddtoolkit-synset"
 VERSION = 1
@@ -141,7 +140,7 @@ def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overw
     out = Path(out_dir)
     if in_place:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".synset.", dir=out))
+        tmp = make_temp_dir(out, ".synset.")
         try:
             save_synset(syn, tmp / "set", grid=grid)
             for name in ("meta.json", "zca.pt", "grid.png", "synset.pt"):
@@ -153,7 +152,7 @@ def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overw
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         payload = {"format": FORMAT, "version": VERSION,
                    "tensors": {k: v.detach().cpu() for k, v in syn.tensors.items()},
@@ -209,7 +208,7 @@ def export_imagefolder(syn: SyntheticSet, out_dir: str | Path) -> Path:
     images, labels = syn.decode()
     pixels = syn.to_pixels(images)
     out = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    tmp = make_temp_dir(out.parent if out.parent.exists() else None, f".{out.name}.")
     counters: dict[int, int] = {}
     for img, y in zip(pixels, labels.tolist()):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(syn.meta["class_names"][y]))
