@@ -49,7 +49,7 @@ from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load
 from utils.dsa import DSA
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
 from utils.trajectory import (buffer_files, buffer_index, check_trajectories, expert_dir_for, load_buffer_file,
@@ -404,14 +404,10 @@ def main(
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
 ):
     """Train expert networks and save their trajectories in MTT's replay_buffer_<n>.pt format."""
-    for flag, value, least in (("--num-experts", num_experts, 1), ("--train-epochs", train_epochs, 1),
-                               ("--save-interval", save_interval, 1), ("--batch-train", batch_train, 1),
-                               ("--eval-every", eval_every, 0), ("--ckpt-every", ckpt_every, 0)):
-        if value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
-    for flag, value in (("--train-subset", train_subset), ("--test-per-class", test_per_class), ("--res", res)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    require_at_least({"--num-experts": num_experts, "--train-epochs": train_epochs, "--save-interval": save_interval,
+                      "--batch-train": batch_train, "--train-subset": train_subset, "--test-per-class": test_per_class,
+                      "--res": res})
+    require_at_least({"--eval-every": eval_every, "--ckpt-every": ckpt_every}, least=0)
     if not (math.isfinite(lr_teacher) and lr_teacher > 0):
         raise UserError(f"--lr-teacher must be a positive number, got {lr_teacher}")
     if subset is not None:

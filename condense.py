@@ -38,7 +38,7 @@ from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng
                               settings_fingerprint, state_dict)
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.kmeans import representatives
-from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.synset import SyntheticSet, make_meta, save_grid, save_synset
 from utils.train import maybe_cutmix, mixed_cross_entropy
@@ -800,6 +800,9 @@ def main(
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
 ):
     """Condense a dataset with IDC (default) or DREAM (--dream) and write a synthetic set."""
+    require_at_least({"--ipc": ipc, "--factor": factor, "--nclass": nclass, "--train-subset": train_subset,
+                      "--niter": niter, "--inner-loop": inner_loop, "--batch-real": batch_real,
+                      "--batch-syn-max": batch_syn_max, "--n-data": n_data})
     if match != "grad":
         raise UserError(f"--match {match} is not implemented (only grad; DREAM+'s bi_match is not in this toolkit)")
     name = dataset_name(dataset, nclass)

@@ -21,7 +21,7 @@ import typer
 from utils.coreset import herding_indices
 from utils.datasets import load_split, per_class_indices, to_pixels
 from utils.errors import UserError
-from utils.misc import cli_errors, resolve_device
+from utils.misc import require_at_least, cli_errors, resolve_device
 from utils.synset import pixel_set, save_synset
 
 SELECTORS = {}
@@ -86,8 +86,7 @@ def main(
     """Select IPC real images per class and save them as a synthetic set (with grid.png)."""
     if method not in SELECTORS:
         raise UserError(f"unknown --method '{method}' ({', '.join(SELECTORS)})")
-    if ipc < 1:
-        raise UserError("--ipc must be at least 1")
+    require_at_least({"--ipc": ipc, "--res": res})
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     data, spec = load_split(dataset, data_path, "train", resolution=res)

@@ -39,7 +39,7 @@ from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
-from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
                          speed_preset, speed_tensors, storage_floats, straight_through_topk)
@@ -737,6 +737,10 @@ def main(
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
 ):
     """Distil a dataset by trajectory matching (SPEED or MTT) from buffer.py's expert trajectories."""
+    require_at_least({"--ipc": ipc, "--syn-steps": syn_steps, "--expert-epochs": expert_epochs,
+                      "--max-start-epoch": max_start_epoch, "--batch-syn": batch_syn, "--train-subset": train_subset,
+                      "--n-per-class": n_per_class, "--max-files": max_files, "--max-experts": max_experts})
+    require_at_least({"--iterations": iterations}, least=0)
     name = subset if subset else dataset
     spec = get_dataset_spec(name)
     explicit = dict(model=model, iterations=iterations, syn_steps=syn_steps, expert_epochs=expert_epochs,

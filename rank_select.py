@@ -47,7 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from utils.datasets import FileSplit, Split, iter_file_bytes, read_split
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.teacher import NORMALIZATIONS, Teacher, load_teacher
 
 RANKING_COLUMNS = ("score", "img_path", "class")
@@ -591,6 +591,7 @@ def main(
 ):
     """Rank real training images by the teacher's true-class probability and copy a per-class selection
     (DELT medium/top/min, or DWA's seeded random real init)."""
+    require_at_least({"--ipc": ipc, "--batch-size": batch_size, "--res": res})
     if tensor_files and fmt == "folder":
         fmt = "both"
     rank_and_select(teacher, data_path, out, ipc=ipc, selection=selection, dataset=dataset, arch=arch, norm=norm,

@@ -51,7 +51,7 @@ from utils.datasets import IMAGE_SUFFIXES
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, safe_torch_load
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest, Stopped
 from utils.synset import save_grid
 from utils.teacher import Teacher, load_teacher
@@ -1090,6 +1090,9 @@ def main(
     verifier: bool = _O(False, "--verifier", hidden=True, help="Accepted for the references' command lines."),
 ):
     del store_best_images, verifier
+    require_at_least({"--ipc": ipc, "--ipc-end": ipc_end, "--num-shards": num_shards, "--iterations": iterations,
+                      "--batch-size": batch_size})
+    require_at_least({"--ipc-start": ipc_start}, least=0)
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         raise UserError("--amp needs a CUDA device (bf16 autocast on CPU is slower and changes the numbers)")

@@ -43,7 +43,7 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup, dev
                                resolve_shard, shard)
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json
-from utils.misc import RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.softlabels import (CROP_RATIO, FORMAT, MANIFEST, MIX_CODES, STATS_FILE, VERSION, batch_file,
                               derive_seed, epoch_order, file_sha1, images_fingerprint, load_set_pixels,
@@ -416,6 +416,8 @@ def main(
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
 ):
     """Store FKD-style soft labels (teacher logits on recorded crops/flips/mixes) for a synthetic set."""
+    require_at_least({"--epochs": epochs, "--batch-size": batch_size, "--num-shards": num_shards,
+                      "--input-size": input_size})
     if mode != "fkd_save":
         raise UserError(f"--mode {mode} is not supported; relabel.py only saves labels (fkd_save)")
     lo, hi = parse_crop_scale(crop_scale)

@@ -53,7 +53,7 @@ from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_datas
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, device_for, init_distributed
 from utils.errors import UserError
 from utils.io import atomic_write_json, run_lock, safe_torch_load
-from utils.misc import RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest, Stopped
 from utils.teacher import NORMALIZATIONS, load_teacher, resolve_normalization, save_teacher
 
@@ -1021,6 +1021,8 @@ def main(
                               "their files instead of held in memory."),
 ):
     """Train a teacher (squeeze), wrap existing weights into a teacher file, or check a teacher's test accuracy."""
+    require_at_least({"--epochs": epochs, "--batch-size": batch_size, "--train-per-class": train_per_class,
+                      "--test-per-class": test_per_class, "--res": res})
     if eval_only is not None:
         if weights is not None or pretrained:
             raise UserError("--eval-only checks an existing teacher; it does not take --weights/--pretrained")

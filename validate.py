@@ -56,7 +56,7 @@ from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env
 from utils.io import atomic_write_json
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
                       train_network_kd)
-from utils.misc import RunLog, cli_errors, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, resolve_device
 from utils.signals import StopRequest, Stopped
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
@@ -879,6 +879,9 @@ def main(
     rank 0 writes.
     """
     cli = dict(locals())
+    require_at_least({"--epochs": epochs, "--runs": runs, "--batch-size": batch_size, "--ipc": ipc,
+                      "--herding-epochs": herding_epochs, "--full-epochs": full_epochs, "--factor": factor,
+                      "--res": res, "--train-subset": train_subset, "--test-per-class": test_per_class})
     if ckpt_every < 0:
         raise UserError(f"--ckpt-every must be 0 (only on a stop request) or a positive number of epochs, got "
                         f"{ckpt_every}")

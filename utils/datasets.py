@@ -119,9 +119,19 @@ class DatasetSpec:
 
 # ---------------------------------------------------------------------------------------------- readers
 
+# The stages' --data-path default. Only this path may fall back to a dataset's system-wide copy (`default_paths`): a
+# folder the user named is searched alone, so a typo never trains silently on other data.
+DEFAULT_DATA_PATH = Path("data")
+
+
+def _fallbacks(root: Path, spec: DatasetSpec) -> list[Path]:
+    return list(map(Path, spec.default_paths)) if root == DEFAULT_DATA_PATH else []
+
+
 def _candidates(root: Path, spec: DatasetSpec) -> list[Path]:
-    """Where flat raw files may sit: the folder itself, torchvision's `raw/` layouts, the system default."""
-    return [root, root / "raw", root / spec.name, root / spec.name / "raw", *map(Path, spec.default_paths)]
+    """Where flat raw files may sit: the folder itself, torchvision's `raw/` layouts, and, for the default
+    `--data-path` only, the system-wide copy."""
+    return [root, root / "raw", root / spec.name, root / spec.name / "raw", *_fallbacks(root, spec)]
 
 
 def _missing(spec: DatasetSpec, what: str, where: list[Path] | Path) -> UserError:
@@ -501,7 +511,7 @@ def read_split(name: str, data_path: str | Path, split: str, download: bool = Fa
     if split not in ("train", "test"):
         raise UserError(f"unknown split '{split}' (train or test)")
     root = Path(data_path).expanduser()
-    if not root.exists() and not spec.default_paths:
+    if not root.exists() and not _fallbacks(root, spec):
         raise UserError(f"{spec.name}: data path {root} does not exist. {spec.hint}")
     try:
         raw = spec.reader(spec, root, split, download)

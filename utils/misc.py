@@ -72,6 +72,16 @@ class RunLog:
         os.replace(tmp, self.csv_path)
 
 
+def require_at_least(flags: dict[str, int | None], least: int = 1) -> None:
+    """One line for a count option below `least` (`flags`: option name -> value; None = not given). Every stage calls
+    this first thing in its main for its counts (IPC, epochs, batch sizes, runs, subsets, ...), so a zero or negative
+    count stops before any data is read: Python slicing would otherwise turn `--ipc -2` into "all but two images"
+    and `--runs 0` into a mean over nothing."""
+    for flag, value in flags.items():
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
 def user_message(e: UserError) -> str:
     """The one-line message of a UserError. A DataLoader worker's exception reaches the main process re-raised with
     the worker's whole traceback as its message ("Caught UserError in DataLoader worker ...\nOriginal Traceback
