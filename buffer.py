@@ -44,6 +44,7 @@ import typer
 
 from networks import get_network
 from networks.registry import canonical_name
+from utils.amp import AMP_HELP, OFF, Amp, as_amp, fp32, resolve_amp
 from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
@@ -126,7 +127,7 @@ def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                  eval_every: int = 1, on_epoch: Callable[[dict], None] | None = None, desc: str = "expert",
                  resume: dict | None = None,
                  after_epoch: Callable[[int, Callable[[], dict]], None] | None = None,
-                 last_good: Path | None = None) -> list[list[torch.Tensor]]:
+                 last_good: Path | None = None, amp: Amp | str = OFF) -> list[list[torch.Tensor]]:
     """Train `net` in place as one expert (speed.md §1.5) and return its trajectory: `epochs + 1` snapshots, the
     first taken before training. `images` are already in the input space; batch order and DSA draw from
     `generator`. With `batch_standardize` every batch is standardised (one scalar mean/std) before augmentation,
@@ -137,9 +138,12 @@ def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     the training state as plain data ({epoch, model, optimizer, trajectory, generator, rng}); the caller decides
     whether to write it (and may stop there). Passing such a dict as `resume` continues after its epoch exactly as
     the uninterrupted run would: `net` must be freshly built for the same expert, `generator` seeded the same.
-    A NaN/inf loss raises utils.checkpoint.Diverged naming --lr-teacher; `last_good` is the checkpoint it keeps."""
+    A NaN/inf loss raises utils.checkpoint.Diverged naming --lr-teacher; `last_good` is the checkpoint it keeps.
+    `amp` runs the forward under autocast (loss on fp32 logits, fp16 with a GradScaler); snapshots stay fp32."""
     if not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr-teacher must be a positive number, got {lr}")
+    amp = as_amp(amp, device)
+    scaler = amp.scaler()
     net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = len(labels)
@@ -172,11 +176,13 @@ def train_expert(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                 x = standardize_batch(x)
             if dsa is not None:
                 x = dsa(x, generator=generator)
-            out = net(x)
+            with amp.autocast():
+                out = fp32(net(x))
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == y).sum().item()
         train_loss = loss_sum / n
@@ -397,6 +403,7 @@ def main(
     seed: int = _O(0, "--seed", help="Base seed: expert i's initialisation, batch order and augmentation come from "
                    "(seed, i); also picks --train-subset/--test-per-class images."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
+    amp: str = _O("off", "--amp", help=AMP_HELP),
     buffer_path: Path = _O(Path("buffers"), "--buffer-path", "--buffer_path", help="Root of the expert folders; "
                            "experts go into <buffer-path>/<dataset>(/<subset>/<res>)(_NO_ZCA)/<model>."),
     overwrite: bool = _O(False, "--overwrite", help="Delete the folder's existing buffer files and logs and start "
@@ -425,6 +432,7 @@ def main(
         raise UserError("the full ImageNet-1K does not fit in memory as one tensor: pass --subset (e.g. imagenette)"
                         " or --train-subset N")
     dev = resolve_device(device)
+    amp_mode = resolve_amp(amp, dev)
     aug = DSA(dsa_strategy, mode="single") if dsa else None
     info = RunLog(None, quiet=quiet).info
 
@@ -433,7 +441,9 @@ def main(
                     num_classes=spec.num_classes, zca=zca, zca_eps=ZCA_EPS if zca else None,
                     train_subset=train_subset, seed=seed, lr_teacher=lr_teacher, mom=mom, l2=l2,
                     batch_train=batch_train, train_epochs=train_epochs, dsa=dsa,
-                    dsa_strategy=dsa_strategy if dsa else None, batch_standardize=batch_standardize)
+                    dsa_strategy=dsa_strategy if dsa else None, batch_standardize=batch_standardize,
+                    # fp32 folders written before --amp existed keep their settings key
+                    **({"amp": amp_mode.mode} if amp_mode.enabled else {}))
 
     # A finished folder needs no data: requeued or repeated jobs return at once, even where --data-path is absent.
     if not overwrite:
@@ -539,7 +549,7 @@ def main(
                                     batch_standardize=batch_standardize, device=dev, test=(test_x, test_y),
                                     eval_every=eval_every, desc=f"expert {i}", on_epoch=rows.append,
                                     resume=state.training() if state is not None else None, after_epoch=after_epoch,
-                                    last_good=ckpt_path)
+                                    last_good=ckpt_path, amp=amp_mode)
                 seconds = spent + time.time() - t0
                 csv_rows = [dict(expert=i, epoch=r["epoch"], train_loss=round(r["train_loss"], 5),
                                  train_acc=round(r["train_acc"], 5),

@@ -41,6 +41,7 @@ from utils.kmeans import representatives
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.synset import SyntheticSet, make_meta, save_grid, save_synset
+from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.train import maybe_cutmix, mixed_cross_entropy
 
 # --------------------------------------------------------------------------------------------- presets
@@ -86,6 +87,7 @@ class CondenseConfig:
     train_subset: Optional[int] = None
     momentum_mode: str = "reference"  # reference: per-class closed form of the shared momentum (§2.2); joint
     outer: Optional[int] = None       # explicit number of outer iterations (CPU-scale runs); overrides niter
+    amp: str = "off"                  # --amp: off | bf16 (fp16 refused: no loss scaling through double backward)
 
     @property
     def outer_iterations(self) -> int:
@@ -236,19 +238,25 @@ def matching_loss(grads_real, grads_syn, metric: str) -> torch.Tensor:
     return sum(tensor_distance(gr, gs, metric) for gr, gs in zip(grads_real, grads_syn))
 
 
-def class_gradient(net, params, x: torch.Tensor, label: int, create_graph: bool = False) -> tuple[torch.Tensor, ...]:
-    """Gradient of the mean cross-entropy of a one-class batch with respect to `params`."""
+def class_gradient(net, params, x: torch.Tensor, label: int, create_graph: bool = False,
+                   amp: Amp = OFF) -> tuple[torch.Tensor, ...]:
+    """Gradient of the mean cross-entropy of a one-class batch with respect to `params` (fp32 parameters, so the
+    gradients are fp32 even when the forward runs under `amp`; the loss is taken on fp32 logits)."""
     y = torch.full((len(x),), label, dtype=torch.long, device=x.device)
-    loss = F.cross_entropy(net(x), y)
+    with amp.autocast():
+        logits = net(x)
+    loss = F.cross_entropy(fp32(logits), y)
     return torch.autograd.grad(loss, params, create_graph=create_graph)
 
 
 def class_match_grad(net, params, real: torch.Tensor, stored: torch.Tensor, label: int, cfg: CondenseConfig,
-                     spec: DatasetSpec, dsa: DSA | None, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+                     spec: DatasetSpec, dsa: DSA | None, gen: torch.Generator,
+                     amp: Amp = OFF) -> tuple[torch.Tensor, float]:
     """dL_c/dS_c for one class (§2.2 inner step): decode the class's stored images, keep a random subset of at most
     batch_syn_max, normalise real and synthetic images and augment both with ONE shared DSA draw (§2.4), then match
     the conv-kernel gradients. Only the stored images receive a gradient (the reference's backward also filled
-    the network's .grad, which is wasted work)."""
+    the network's .grad, which is wasted work). Under `amp` only the two network passes (and their double
+    backward) run in low precision; the matching metric compares fp32 gradients."""
     s = stored.detach().requires_grad_(True)
     syn = decode_class(s, cfg.factor, cfg.decode_type, cfg.batch_syn_max)
     if len(syn) > cfg.batch_syn_max:
@@ -258,8 +266,8 @@ def class_match_grad(net, params, real: torch.Tensor, stored: torch.Tensor, labe
     if dsa is not None:
         plan = dsa.sample(1, xr.shape[-2], xr.shape[-1], gen, siamese=True, device=xr.device)
         xr, xs = dsa.apply(xr, plan), dsa.apply(xs, plan)
-    g_real = [g.detach() for g in class_gradient(net, params, xr, label)]
-    g_syn = class_gradient(net, params, xs, label, create_graph=True)
+    g_real = [g.detach() for g in class_gradient(net, params, xr, label, amp=amp)]
+    g_syn = class_gradient(net, params, xs, label, create_graph=True, amp=amp)
     loss = matching_loss(g_real, g_syn, cfg.metric)
     (grad,) = torch.autograd.grad(loss, s)
     return grad, float(loss.detach())
@@ -348,7 +356,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_real_batch(net, opt, x: torch.Tensor, y: torch.Tensor, spec: DatasetSpec, dsa: DSA | None,
-                     cfg: CondenseConfig, gen: torch.Generator) -> float:
+                     cfg: CondenseConfig, gen: torch.Generator, amp: Amp = OFF) -> float:
     """One SGD step of the matching network on a real batch: normalise, per-sample DSA, CutMix with probability
     mix_p when mixup_net is 'cut' (§2.5)."""
     x = normalize(to_unit(x), spec.mean, spec.std)
@@ -356,19 +364,23 @@ def train_real_batch(net, opt, x: torch.Tensor, y: torch.Tensor, spec: DatasetSp
         x = dsa(x, generator=gen)
     net.train()
     x, y1, y2, r = maybe_cutmix(x, y, cfg.mix_p if cfg.mixup_net == "cut" else 0.0, cfg.beta, gen)
-    loss = mixed_cross_entropy(net(x), y1, y2, r)
+    with amp.autocast():
+        logits = net(x)
+    loss = mixed_cross_entropy(fp32(logits), y1, y2, r)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return float(loss.detach())
 
 
-def network_update(net, opt, images, labels, stream: SetStream, n_samples: int, spec, dsa, cfg, gen) -> None:
+def network_update(net, opt, images, labels, stream: SetStream, n_samples: int, spec, dsa, cfg, gen,
+                   amp: Amp = OFF) -> None:
     """Train the matching network on at least n_samples real samples (one "net epoch", §2.5)."""
     seen = 0
     while seen < n_samples:
         idx = stream.next(gen)
-        train_real_batch(net, opt, images[idx.to(images.device)], labels[idx.to(labels.device)], spec, dsa, cfg, gen)
+        train_real_batch(net, opt, images[idx.to(images.device)], labels[idx.to(labels.device)], spec, dsa, cfg, gen,
+                         amp)
         seen += len(idx)
 
 
@@ -529,6 +541,7 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
     their labels. `on_init(state)` is called once S is initialised (fresh runs only) and `on_outer(state)` after every
     outer iteration (checkpoints, snapshots)."""
     n_cls, ipc = spec.num_classes, cfg.ipc
+    amp = resolve_condense_amp(cfg.amp, device)
     gen = torch.Generator()
     class_indices = [torch.nonzero(labels.cpu() == c).flatten() for c in range(n_cls)]
     class_stream = ClassStream(class_indices, cfg.batch_real)
@@ -579,7 +592,7 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
             if ckpts is not None:
                 load_pretrained(net, ckpts, cfg, py_rng)
             for _ in range(cfg.early):   # ImageNet-10: full epochs of real training after each re-init (§2.6)
-                network_update(net, opt, images, labels, set_stream, len(labels), spec, net_dsa, cfg, gen)
+                network_update(net, opt, images, labels, set_stream, len(labels), spec, net_dsa, cfg, gen, amp)
         params = matched_params(net, cfg.bias, cfg.fc)
         S.clamp_(0, 1)   # once per outer iteration, like the reference (§9.1 item 2)
         losses = []
@@ -594,7 +607,7 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
                 idx = dream_idx[c] if cfg.dream else class_stream.next(c, gen)
                 real = to_unit(images[idx.to(images.device)])
                 rows = slice(c * ipc, (c + 1) * ipc)
-                g, loss = class_match_grad(net, params, real, S[rows], c, cfg, spec, match_dsa, gen)
+                g, loss = class_match_grad(net, params, real, S[rows], c, cfg, spec, match_dsa, gen, amp)
                 grad[rows] = g
                 step_loss += loss
             # stop before the step: the last checkpoint (written after an earlier outer iteration) stays good
@@ -602,7 +615,7 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
             step_fn(S, buf, grad, lr_img, cfg.mom_img, n_cls)
             losses.append(step_loss / n_cls)
             for _ in range(cfg.net_epoch):
-                network_update(net, opt, images, labels, set_stream, cfg.n_data, spec, net_dsa, cfg, gen)
+                network_update(net, opt, images, labels, set_stream, cfg.n_data, spec, net_dsa, cfg, gen, amp)
         mean_loss = sum(losses) / len(losses)
         state = RunState(S=S, buf=buf, it=it + 1, gen=gen.get_state(), py_rng=py_rng.getstate(),
                          class_stream=class_stream.state_dict(), set_stream=set_stream.state_dict(),
@@ -663,7 +676,16 @@ def load_checkpoint(path: Path, fingerprint: str) -> RunState:
 
 
 def config_fingerprint(cfg: CondenseConfig) -> str:
-    return settings_fingerprint(asdict(cfg))
+    settings = asdict(cfg)
+    if settings["amp"] == "off":   # runs from before --amp existed keep their fingerprint
+        del settings["amp"]
+    return settings_fingerprint(settings)
+
+
+def resolve_condense_amp(mode: str, device) -> Amp:
+    return resolve_amp(mode, device, allow_fp16=False,
+                       fp16_reason="gradient matching differentiates through a gradient; a GradScaler cannot "
+                                   "rescale it")
 
 
 # ------------------------------------------------------------------------------------- pretraining
@@ -678,6 +700,7 @@ def pretrain_networks(cfg: CondenseConfig, spec: DatasetSpec, images, labels, ou
     pcfg = replace(cfg, mixup_net="cut", mix_p=1.0)
     strategy = "_".join(a for a in cfg.aug_type.split("_") if a != "cutout")
     dsa = DSA(strategy, mode="idc", params=DSAParams(align_corners=False)) if strategy else None
+    amp = resolve_condense_amp(cfg.amp, device)
     for s in seeds:
         gen = torch.Generator().manual_seed(s)
         net = fresh_network(cfg, spec, seed_for(s, 0), device)
@@ -685,7 +708,7 @@ def pretrain_networks(cfg: CondenseConfig, spec: DatasetSpec, images, labels, ou
         stream = SetStream(len(labels), cfg.batch_real)
         folder = out / f"{cfg.net}_seed{s}"
         for epoch in range(1, cfg.pt_from + cfg.pt_num):
-            network_update(net, opt, images, labels, stream, len(labels), spec, dsa, pcfg, gen)
+            network_update(net, opt, images, labels, stream, len(labels), spec, dsa, pcfg, gen, amp)
             if epoch >= cfg.pt_from:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_torch_save({k: v.cpu() for k, v in net.state_dict().items()}, folder / f"checkpoint{epoch}.pt")
@@ -798,6 +821,7 @@ def main(
     overwrite: bool = _O(False, "--overwrite", help="Start afresh even if --out holds a run."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
+    amp: str = _O("off", "--amp", help=AMP_HELP + " condense: off or bf16."),
 ):
     """Condense a dataset with IDC (default) or DREAM (--dream) and write a synthetic set."""
     require_at_least({"--ipc": ipc, "--factor": factor, "--nclass": nclass, "--train-subset": train_subset,
@@ -813,10 +837,11 @@ def main(
                     mix_p=mix_p, beta=beta, early=early, pt_from=pt_from, pt_num=pt_num,
                     pretrained=str(pretrained) if pretrained else None, decode_type=decode_type, init=init,
                     init_select=init_select, f2_init=f2_init, interval=interval, dream_embed=dream_embed,
-                    momentum_mode=momentum_mode, train_subset=train_subset, seed=seed)
+                    momentum_mode=momentum_mode, train_subset=train_subset, seed=seed, amp=amp)
     cfg = resolve_config(name, ipc, factor, dream, reproduce, explicit)
     out = out or Path("results") / name / f"{'dream' if dream else 'idc'}_f{factor}_ipc{ipc}"
     dev = resolve_device(device)
+    resolve_condense_amp(cfg.amp, dev)   # refused before any data is read
     snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})
 
     split, spec = load_split(name, data_path, "train", per_class=cfg.train_subset, seed=cfg.seed)

@@ -44,6 +44,7 @@ from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
                          speed_preset, speed_tensors, storage_floats, straight_through_topk)
 from utils.synset import SyntheticSet, make_meta, save_synset
+from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.train import standardize_batch
 from utils.trajectory import ExpertStream, buffer_files, expert_dir, flatten_snapshot, load_buffer_file
 
@@ -94,7 +95,7 @@ class DistillConfig:
     max_files: Optional[int] = None
     max_experts: Optional[int] = None
     checkpoint_unroll: bool = False
-    amp: bool = False
+    amp: str = "off"                 # off | bf16 (fp16 refused: the unroll's inner gradients cannot be loss-scaled)
     seed: int = 0
 
 
@@ -374,16 +375,16 @@ class Unroll:
     momentum: float                # beta of the EMA inner update; 0 = plain SGD (MTT)
     dsa: Optional[DSA] = None
     standardize: bool = False
-    amp: bool = False
+    amp: Amp = OFF                 # autocast of the student's forward (and its recomputation in the backward)
 
     def step_loss(self, theta: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
         if self.standardize:
             x = standardize_batch(x)
         if self.plans[t] is not None:
             x = self.dsa.apply(x, self.plans[t])
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.amp.autocast():
             logits = self.student(theta, x)
-        return F.cross_entropy(logits.float(), self.labels[t])
+        return F.cross_entropy(fp32(logits), self.labels[t])
 
     def update(self, theta, mom, grad, alpha):
         """§3.6: m <- beta m + (1 - beta) g; theta <- theta - alpha m (beta 0: theta - alpha g)."""
@@ -466,7 +467,7 @@ def plan_unroll(student: FlatNet, start, target, labels: torch.Tensor, n: int, c
     local_batches = list(local.split([len(b) for b in batches]))
     u = Unroll(student, start, target, [b.to(device) for b in local_batches],
                [labels[b].to(device) for b in batches], plans, cfg.inner_momentum, dsa, cfg.inner_standardize,
-               cfg.amp)
+               resolve_distill_amp(cfg.amp, device))
     return u, used.to(device)
 
 
@@ -639,7 +640,15 @@ def load_checkpoint(path: Path, fingerprint: str) -> RunState:
 def config_fingerprint(cfg: DistillConfig, extra: dict) -> str:
     # more iterations may continue a run; checkpointing the unroll changes memory, not the gradients
     keyed = {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "checkpoint_unroll")}
+    if keyed["amp"] == "off":   # the fingerprint of fp32 runs from before --amp took a mode
+        keyed["amp"] = False
     return settings_fingerprint({**keyed, **extra})
+
+
+def resolve_distill_amp(mode: str, device) -> Amp:
+    return resolve_amp(mode, device, allow_fp16=False,
+                       fp16_reason="the unrolled student steps differentiate through their own gradients; a "
+                                   "GradScaler cannot rescale them")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -725,7 +734,7 @@ def main(
     max_experts: Optional[int] = _O(None, "--max-experts", "--max_experts", help="Use only this many experts."),
     checkpoint_unroll: bool = _O(False, "--checkpoint-unroll", help="Recompute each student step in the backward "
                                  "pass: memory independent of syn_steps, same gradients, ~1.3x compute."),
-    amp: bool = _O(False, "--amp", help="bfloat16 autocast for the student's forward (GPU)."),
+    amp: str = _O("off", "--amp", help=AMP_HELP + " distill: off or bf16 (the student's forward)."),
     train_subset: Optional[int] = _O(None, "--train-subset", help="MTT real init / ZCA fit from this many images per "
                                      "class (default: what buffer_meta.json records)."),
     seed: int = _O(0, "--seed", help="Seed of every random choice (init, experts, start epochs, batches, DSA)."),
@@ -751,14 +760,13 @@ def main(
                     lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, topk_from=topk_from, dsa=False if no_aug else dsa,
                     dsa_strategy=dsa_strategy,
                     inner_standardize=inner_standardize, load_all=load_all or None, max_files=max_files,
-                    max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp or None, seed=seed)
+                    max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp, seed=seed)
     cfg = resolve_config(method.lower(), spec, ipc, explicit)
     check_config(cfg, spec)
     if ckpt_every < 1:
         raise UserError("--ckpt-every must be at least 1")
     dev = resolve_device(device)
-    if cfg.amp and dev.type != "cuda":
-        raise UserError("--amp needs a GPU (bfloat16 autocast on CPU is slower than float32 here)")
+    resolve_distill_amp(cfg.amp, dev)
     get_network(cfg.model, spec.channels, spec.num_classes, spec.resolution)  # bad names fail before any write
 
     folder = expert_folder or expert_dir(buffer_path, "ImageNet" if subset else spec.name, cfg.model, zca,

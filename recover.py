@@ -45,6 +45,7 @@ import typer
 from PIL import Image
 from torch import nn
 
+from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.augment import crop_resize_box, flip_mask, rrc_boxes
 from utils.checkpoint import capture_rng, check_finite, load_state, restore_rng, save_state, settings_fingerprint
 from utils.datasets import IMAGE_SUFFIXES
@@ -600,7 +601,7 @@ def _cpu(obj):
 
 
 def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
-                  device: torch.device, amp: bool = False, channels_last: bool = False, log_every: int = 100,
+                  device: torch.device, amp: Amp | str | bool = OFF, channels_last: bool = False, log_every: int = 100,
                   progress_desc: str | None = None, stop: StopRequest | None = None,
                   ckpt: GroupCheckpoint | None = None, resume: GroupState | None = None) -> GroupResult:
     """Optimise the images of G same-shaped units together (§3.1, §4.2, §5.3, §9.3). Each unit has its own
@@ -610,6 +611,8 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
     With `ckpt`, the group's state is saved every `ckpt.every` iterations and, on a stop request, after the
     iteration in flight (then `Stopped` is raised); `resume` continues from such a state."""
     G, n = len(units), len(units[0].classes)
+    amp = amp if isinstance(amp, Amp) else resolve_recover_amp(amp, device, cfg)
+    scaler = amp.scaler()
     if cfg.method == "dwa" and G > 1:
         raise ValueError("DWA units carry their own perturbed weights; recover them one at a time")
     gens = [torch.Generator().manual_seed(unit_seed(cfg.seed, cfg.method, u.key)) for u in units]
@@ -667,9 +670,9 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
                     _leak_ascent_gradients(net, view, ya, cfg.dwa_steps, cfg.rho)
                 else:
                     directed_weight_adjustment(net, view, ya, cfg.dwa_steps, cfg.rho)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with amp.autocast():
                 logits = net(xa)
-            logits = logits.float().reshape(G, len(pos), -1)
+            logits = fp32(logits).reshape(G, len(pos), -1)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ya, reduction="none").view(G, -1).mean(1)
             bn = hooks.losses(G)
             loss_u = ce + cfg.r_bn * bn
@@ -684,8 +687,9 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
                          f"--lr (now {cfg.lr}) or --r-bn (now {cfg.r_bn})", ckpt.path if ckpt else None)
             if not (saved is not None and t == 0 and cfg.reference_quirks):
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             with torch.no_grad():
                 x.clamp_(min=lo, max=hi)   # clip to valid pixels (§1.4)
             if t % log_every == 0 or t == T - 1:
@@ -810,11 +814,19 @@ def read_folder_images(out: Path, teacher: Teacher, fmt: str) -> tuple[torch.Ten
 
 # --------------------------------------------------------------------------------------------- driver
 
+def resolve_recover_amp(mode, device, cfg: RecoverConfig) -> Amp:
+    """fp16 gets a GradScaler on the pixel loss, except with DWA's --reference-quirks, whose first step adds the
+    unscaled ascent gradients to the scaled ones."""
+    quirks = cfg.method == "dwa" and cfg.reference_quirks
+    return resolve_amp(mode, device, allow_fp16=not quirks,
+                       fp16_reason="DWA --reference-quirks leaks unscaled ascent gradients into the first step")
+
+
 
 def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path, *, ipc_range: tuple[int, int],
             class_range: tuple[int, int] | None = None, ipc_total: int | None = None, init_path: Path | None = None,
             group: int = 0, shard_index: int = 0, num_shards: int = 1, device: torch.device = torch.device("cpu"),
-            amp: bool = False, channels_last: bool = False, quiet: bool = False, log_every: int = 100,
+            amp: Amp | str | bool = OFF, channels_last: bool = False, quiet: bool = False, log_every: int = 100,
             overwrite: bool = False, draw_grid: bool = True, ckpt_every: int = 100) -> dict:
     """Recover this shard's units into `out`; returns a summary. Safe to re-run: finished units are skipped and
     a group stopped mid-way continues from its checkpoint (written every `ckpt_every` iterations, 0: only when
@@ -823,6 +835,7 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
         raise UserError("--ckpt-every must be >= 0 (0: checkpoint only when stopped by SIGTERM/SIGUSR1)")
     class_range = class_range or (0, teacher.num_classes)
     ipc_total = ipc_total or ipc_range[1]
+    amp = amp if isinstance(amp, Amp) else resolve_recover_amp(amp, device, cfg)
     out = Path(out)
     meta = run_meta(cfg, teacher, teacher_path, ipc_range, class_range, ipc_total)
     _check_run_folder(out, meta, overwrite)
@@ -870,7 +883,7 @@ def recover(cfg: RecoverConfig, teacher: Teacher, teacher_path: Path, out: Path,
 
 
 def _recover_and_write(g: list[Unit], cfg: RecoverConfig, teacher: Teacher, init: RealInit | None,
-                       device: torch.device, amp: bool, channels_last: bool, log_every: int, quiet: bool, out: Path,
+                       device: torch.device, amp: Amp, channels_last: bool, log_every: int, quiet: bool, out: Path,
                        log: RunLog, stop: StopRequest, fingerprint: str = "", ckpt_every: int = 0,
                        overwrite: bool = False) -> int:
     """Recover one group (continuing from its checkpoint if there is one) and write its units that are not on
@@ -1073,8 +1086,8 @@ def main(
     group: int = _O(0, "--group", help="Units recovered together in one forward (0 = auto: ~256 images on GPU, "
                     "1 on CPU). DWA always uses 1."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = _O(False, "--amp", help="bf16 autocast for the teacher forward/backward (GPU); BN statistics "
-                   "and pixels stay fp32."),
+    amp: str = _O("off", "--amp", help=AMP_HELP + " recover: the teacher's forward/backward; BN statistics, "
+                  "pixels and Adam stay fp32."),
     channels_last: bool = _O(True, "--channels-last/--no-channels-last", help="channels_last memory format for "
                              "the teacher and the augmented batch (faster on GPU and on CPU for ConvNets)."),
     log_every: int = _O(100, "--log-every", help="Log loss terms every N iterations."),
@@ -1094,8 +1107,7 @@ def main(
                       "--batch-size": batch_size})
     require_at_least({"--ipc-start": ipc_start}, least=0)
     dev = resolve_device(device)
-    if amp and dev.type != "cuda":
-        raise UserError("--amp needs a CUDA device (bf16 autocast on CPU is slower and changes the numbers)")
+    resolve_amp(amp, dev)   # a bad mode fails before the teacher is read
     info = init_distributed(dev)
     teacher = load_teacher(teacher_path, arch=arch, dataset=dataset, norm=norm, device="cpu")
     if ipc_range is not None:
@@ -1120,10 +1132,11 @@ def main(
     cfg = resolve_config(preset, overrides, ipc_total)
     if preset is not None and method != "sre2l" and method != cfg.method:
         raise UserError(f"--method {method} contradicts --preset {preset} ({cfg.method})")
+    amp_mode = resolve_recover_amp(amp, dev, cfg)
     index, count = resolve_shard(shard_index, num_shards, info)
     summary = recover(cfg, teacher, teacher_path, out, ipc_range=(ipc_start, ipc_end),
                       class_range=_range(class_range, "--class-range"), ipc_total=ipc_total, init_path=init_path,
-                      group=group, shard_index=index, num_shards=count, device=dev, amp=amp,
+                      group=group, shard_index=index, num_shards=count, device=dev, amp=amp_mode,
                       channels_last=channels_last, quiet=quiet,
                       log_every=log_every, overwrite=overwrite, draw_grid=not info.enabled, ckpt_every=ckpt_every)
     barrier(info)

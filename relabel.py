@@ -50,6 +50,7 @@ from utils.softlabels import (CROP_RATIO, FORMAT, MANIFEST, MIX_CODES, STATS_FIL
                               missing_batches, normalize, num_batches, replay, sample_crops, save_record, stored_bytes,
                               tail_logsumexp)
 from utils.teacher import Teacher, load_teacher
+from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.train import cutmix_box, sample_beta
 
 # --------------------------------------------------------------------------------------------- settings
@@ -147,10 +148,11 @@ def make_record(order: torch.Tensor, epoch: int, batch: int, cfg: RelabelConfig,
 
 
 @torch.no_grad()
-def teacher_logits(net: torch.nn.Module, views: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """Raw logits (no temperature, §6.1) in float32; bf16 autocast on GPU with --amp (§9.3)."""
-    with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=amp):
-        return net(views).float()
+def teacher_logits(net: torch.nn.Module, views: torch.Tensor, amp: Amp = OFF) -> torch.Tensor:
+    """Raw logits (no temperature, §6.1) in float32; the teacher forward under `--amp` (§9.3)."""
+    with amp.autocast():
+        logits = net(views)
+    return fp32(logits)
 
 
 def label_entries(logits: torch.Tensor, cfg: RelabelConfig) -> dict:
@@ -290,13 +292,14 @@ def check_teacher_input(teacher: Teacher, channels: int, size: int, device: torc
 def relabel(pixels: torch.Tensor, teacher: Teacher, out: str | Path, cfg: RelabelConfig, *,
             syn: str | Path = "", dataset: str | None = None, teacher_path: str | Path | None = None,
             device: torch.device | str = "cpu", shard_spec: tuple[int, int] = (0, 1),
-            info: DistInfo = DistInfo(), overwrite: bool = False, amp: bool = False, quiet: bool = True,
+            info: DistInfo = DistInfo(), overwrite: bool = False, amp: Amp | str | bool = OFF, quiet: bool = True,
             config: dict | None = None) -> dict:
     """Write this shard's batch records of `pixels` ([N, C, H, W] in [0, 1], set order) labelled by `teacher` into
     `out`; returns the final manifest. Under torchrun (`info.enabled`) rank 0 writes the manifest and, after all
     ranks finished, the `complete` flag; otherwise (one process, or an array task) each call does both."""
     out = Path(out)
     device = torch.device(device)
+    amp = amp if isinstance(amp, Amp) else resolve_amp(amp, device)
     log = RunLog(None, quiet=quiet or not info.is_main)
     cfg = check_config(cfg, teacher.num_classes)
     n, c, h, w = pixels.shape
@@ -403,7 +406,7 @@ def main(
     seed: int = _O(42, "--seed", "--fkd-seed", "--fkd_seed", help="Seed of the batch order, crops, flips and mix; "
                    "each batch draws from a generator seeded by (seed, epoch, batch)."),
     device: str = _O("auto", "--device", help="auto, cpu or cuda (teacher forward and views)."),
-    amp: bool = _O(False, "--amp", help="bfloat16 autocast for the teacher forward (GPU only)."),
+    amp: str = _O("off", "--amp", help=AMP_HELP + " relabel: the teacher forward (inference, no scaler)."),
     shard_index: Optional[int] = _O(None, "--shard-index", help="This task's shard (with --num-shards; e.g. "
                                     "$SLURM_ARRAY_TASK_ID). Under torchrun the rank is used."),
     num_shards: Optional[int] = _O(None, "--num-shards", help="Number of shards; batch unit u = epoch*batches + b "
@@ -428,8 +431,7 @@ def main(
                         topk_temperatures=parse_floats(topk_temperatures, "--topk-temperatures"),
                         fp16=fp16 or use_fp16, seed=seed, resolution=input_size)
     dev = resolve_device(device)
-    if amp and dev.type != "cuda":
-        raise UserError("--amp needs a GPU (bfloat16 autocast of the teacher forward)")
+    amp_mode = resolve_amp(amp, dev)
     info = init_distributed(dev)
     try:
         if info.enabled and shard_index is not None:
@@ -441,10 +443,10 @@ def main(
         pixels, _ = load_set_pixels(syn, data_name)
         out = out or Path("runs") / "relabel" / Path(syn).name
         config = {"syn": str(syn), "teacher": str(teacher_path), "out": str(out), "dataset": data_name,
-                  "device": str(dev), "amp": amp, "shard": list(spec), "world_size": info.world_size}
+                  "device": str(dev), "amp": amp_mode.mode, "shard": list(spec), "world_size": info.world_size}
         t0 = time.time()
         m = relabel(pixels, teacher, out, cfg, syn=syn, dataset=data_name, teacher_path=teacher_path, device=dev,
-                    shard_spec=spec, info=info, overwrite=overwrite, amp=amp, quiet=quiet, config=config)
+                    shard_spec=spec, info=info, overwrite=overwrite, amp=amp_mode, quiet=quiet, config=config)
         if info.is_main:
             if m.get("complete"):
                 print(f"wrote soft labels for {m['num_images']} images x {m['epochs']} epochs "

@@ -45,6 +45,7 @@ import typer
 from torch import nn
 
 from networks.registry import canonical_name, get_network, load_weights, parse_name
+from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.augment import apply_flip, crop_resize, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
 from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng, save_state,
                               settings_fingerprint)
@@ -155,7 +156,7 @@ class SqueezeConfig:
     test_per_class: Optional[int] = None
     seed: int = 0
     eval_every: int = 10
-    amp: bool = False
+    amp: str = "off"                     # --amp: off | bf16 | fp16 (fp16 with a GradScaler)
     resolution: int = 0
     channels: int = 3
     num_classes: int = 0
@@ -166,6 +167,8 @@ class SqueezeConfig:
         d = asdict(self)
         for k in ("eval_every", "test_per_class"):
             d.pop(k)
+        if d["amp"] in ("off", False):   # the fingerprint of fp32 runs from before --amp took a mode
+            d["amp"] = False
         return d
 
 
@@ -382,16 +385,14 @@ def to_input(x: torch.Tensor, mean, std, device: torch.device, center_crop: Opti
 
 # ------------------------------------------------------------------------------------------- evaluation
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate(net: nn.Module, data: Data, mean, std, device: torch.device, info: DistInfo = DistInfo(),
-             batch_size: int = 500, workers: int = 0, amp: bool = False, label_map: Optional[torch.Tensor] = None,
+             batch_size: int = 500, workers: int = 0, amp: Amp | str | bool = OFF,
+             label_map: Optional[torch.Tensor] = None,
              channels_last: bool = False) -> float:
     """Top-1 (a fraction) on `data`; under torchrun each rank takes every world_size-th image and the counts are
     summed over ranks. `label_map[data label]` is the teacher's index of that class."""
+    amp = amp if isinstance(amp, Amp) else resolve_amp(amp, device)
     was_training = net.training
     net.eval()
     idx = torch.arange(len(data))[info.rank::info.world_size]
@@ -401,7 +402,7 @@ def evaluate(net: nn.Module, data: Data, mean, std, device: torch.device, info: 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = (label_map[y] if label_map is not None else y).to(device)
-        with _autocast(device, amp):
+        with amp.autocast():
             pred = net(x).argmax(1)
         counts[0] += (pred == y).sum()
         counts[1] += len(y)
@@ -541,6 +542,8 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
         net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    amp = resolve_amp(cfg.amp, device)
+    scaler = amp.scaler()
     if state is not None:
         net.load_state_dict(state.model)
         opt.load_state_dict(state.optimizer)
@@ -607,15 +610,16 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+            with amp.autocast():
+                logits = fp32(model(x))
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
             # DDP averages gradients over ranks, so scale by world / global batch: the update is that of the
             # mean loss over the whole global batch even when the slices differ in size.
             loss = loss_sum * (world / len(b))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             stats += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
             step = i + 1
@@ -637,7 +641,7 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
         due = done == cfg.epochs or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
         if test is not None and due:
             row["test_acc"] = round(evaluate(net, test, cfg.mean, cfg.std, device, info, workers=workers,
-                                             amp=cfg.amp, channels_last=cuda), 6)
+                                             amp=amp, channels_last=cuda), 6)
         row["seconds"] = round(time.time() - t_start, 3)
         log.row(**row)
         history.append(row)
@@ -657,11 +661,6 @@ def output_paths(out: Path) -> dict[str, Path]:
     out = Path(out)
     return {"teacher": out, "ckpt": out.with_name(out.name + ".ckpt"),
             "log": out.with_name(out.stem + "_log.csv"), "config": out.with_name(out.stem + "_config.json")}
-
-
-def _check_amp(amp: bool, device: torch.device) -> None:
-    if amp and device.type != "cuda":
-        raise UserError("--amp (bf16 autocast) needs a CUDA GPU; drop --amp on CPU")
 
 
 def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, recipe: Optional[str] = None,
@@ -689,7 +688,7 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
     if overrides.get("norm"):
         resolve_normalization(overrides["norm"], spec.name)
     dev = resolve_device(device) if isinstance(device, str) else device
-    _check_amp(bool(overrides.get("amp")), dev)
+    resolve_amp(overrides.get("amp"), dev)   # a bad mode fails before any data is read
     paths = output_paths(Path(out))
     if paths["teacher"].exists() and not paths["ckpt"].exists() and not overwrite:
         raise UserError(f"{paths['teacher']} already exists; pass --overwrite to replace it or choose another --out")
@@ -1012,7 +1011,7 @@ def main(
                                    "the top-1 of this teacher file on the test split with its stored normalisation "
                                    "and class order (foreign checkpoints: add --arch, --dataset, --norm)."),
     results: Optional[Path] = _O(None, "--results", help="With --eval-only: also write the report as JSON here."),
-    amp: bool = _O(False, "--amp", help="bf16 autocast on GPU (refused on CPU)."),
+    amp: str = _O("off", "--amp", help=AMP_HELP),
     res: Optional[int] = _O(None, "--res", help="Resize images to this side (ImageFolder data of another size)."),
     eval_resize: Optional[int] = _O(None, "--eval-resize", help="Decode test images at this size and centre-crop "
                                     "to the network size (default 256 for the 224-px ImageNet datasets, as "

@@ -60,6 +60,7 @@ from utils.misc import require_at_least, RunLog, cli_errors, resolve_device
 from utils.signals import StopRequest, Stopped
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
+from utils.amp import AMP_HELP, resolve_amp
 from utils.train import EpochHook, TrainRecipe, TrainResume, evaluate, train_network
 
 def default_model(resolution: int) -> str:
@@ -168,7 +169,7 @@ def resolve_options(explicit: dict, preset: dict | None, defaults: dict) -> dict
 # Config keys added after CSVs were first written, with the value that trains exactly as before they existed. At
 # that value they stay out of the fingerprint, so a CSV written before them still resumes.
 _NEUTRAL_CONFIG = {"preset": None, "mix_p": 0.0, "beta": 1.0, "dsa_align_corners": True, "herding_model": None,
-                   "herding_epochs": None}
+                   "herding_epochs": None, "amp": "off"}
 
 
 def config_key(config: dict) -> str:
@@ -488,7 +489,7 @@ def kd_protocol(preset: str, spec: DatasetSpec, ipc: int | None, student: str, t
     return out
 
 
-def kd_recipe(opt: dict, amp: bool = False) -> KDRecipe:
+def kd_recipe(opt: dict, amp: str = "off") -> KDRecipe:
     """A KDRecipe from resolved options (KD_DEFAULTS keys; eval_transform is not a training field)."""
     fields = {k: v for k, v in opt.items() if k != "eval_transform"}
     return KDRecipe(**{**fields, "betas": tuple(fields["betas"]), "crop_scale": tuple(fields["crop_scale"])},
@@ -851,8 +852,8 @@ def main(
     hard_labels: bool = typer.Option(False, "--hard-labels/--no-hard-labels", help="KD mode: also train the same "
                                      "student, recipe and seeds with cross-entropy on the set's hard labels and "
                                      "report it alongside (arm hard_label)."),
-    amp: bool = typer.Option(False, "--amp", help="KD mode: bf16 autocast of the teacher and student forwards on "
-                             "CUDA (no effect on CPU)."),
+    amp: str = typer.Option("off", "--amp", help=AMP_HELP + " validate: the student's (and the KD teacher's) "
+                            "forward; test accuracy is always measured in fp32."),
     kd_crop: Optional[str] = typer.Option(None, "--kd-crop", help="KD per-image crop: rrc (RandomResizedCrop, "
                                           "default), random-crop-pad4 (CIFAR), none."),
     crop_scale: Optional[str] = typer.Option(None, "--crop-scale", help="KD RandomResizedCrop area range 'min,max' "
@@ -891,7 +892,7 @@ def main(
                    teacher_bn_mode=teacher_bn_mode, kd_crop=kd_crop, crop_scale=crop_scale, flip=flip,
                    rand_augment=rand_augment, warmup_epochs=warmup_epochs, betas=betas, wd_norm_bias=wd_norm_bias,
                    eval_transform=eval_transform, teacher_arch=teacher_arch, teacher_norm=teacher_norm,
-                   hard_labels=hard_labels or None, amp=amp or None)
+                   hard_labels=hard_labels or None)
     given = [k for k, v in kd_only.items() if v is not None]
     if given:
         raise UserError(f"--{given[0].replace('_', '-')} belongs to the KD protocol: give --teacher (or "
@@ -911,6 +912,7 @@ def main(
     if eval_mode not in EVAL_POOLS:
         raise UserError(f"unknown --eval-mode '{eval_mode}' ({', '.join(EVAL_POOLS)})")
     dev = resolve_device(device)
+    resolve_amp(amp, dev)
 
     synset = None
     if dataset is None and syn is not None:  # our sets name their dataset; legacy files need --dataset
@@ -971,7 +973,8 @@ def main(
         if opt["dsa"] else None
     recipe = TrainRecipe(epochs=opt["epochs"], lr=opt["lr"], momentum=opt["momentum"],
                          weight_decay=opt["weight_decay"], batch_size=opt["batch_size"], schedule=opt["schedule"],
-                         dsa=aug, batch_standardize=batch_standardize, mix_p=opt["mix_p"], beta=opt["beta"])
+                         dsa=aug, batch_standardize=batch_standardize, mix_p=opt["mix_p"], beta=opt["beta"],
+                         amp=resolve_amp(amp, dev))
     full_recipe = replace(recipe, epochs=full_epochs, lr=full_lr)
     base_model = model or default_model(spec.resolution)
     models = list(dict.fromkeys([base_model, *eval_pool(eval_mode, base_model)]))
@@ -986,7 +989,7 @@ def main(
                   test_per_class=test_per_class, eval_mode=eval_mode, preset=preset,
                   dsa_align_corners=opt["dsa_align_corners"], mix_p=opt["mix_p"], beta=opt["beta"],
                   herding_model=(herding_model or base_model) if herding else None,
-                  herding_epochs=herding_epochs if herding else None)
+                  herding_epochs=herding_epochs if herding else None, amp=resolve_amp(amp, dev).mode)
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
     # Per-run resume: every finished run is a CSV row tagged with a fingerprint of this configuration; the same
@@ -1071,6 +1074,7 @@ def run_kd(c: dict) -> None:
     if c["soft_labels"] is not None and c["syn"] is None:
         raise UserError("--soft-labels were recorded for a set: give it with --syn")
     dev = resolve_device(c["device"])
+    resolve_amp(c["amp"], dev)
     info = init_distributed(dev)
     try:
         _run_kd(c, preset, device_for(info, dev), info)
@@ -1184,7 +1188,8 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
     kd_config = dict(teacher=str(c["teacher"]) if c["teacher"] else None, teacher_arch=arch,
                      teacher_mean=list(norm[0]), teacher_std=list(norm[1]),
                      soft_labels=str(c["soft_labels"]) if c["soft_labels"] else None,
-                     soft_labels_manifest=manifest, hard_labels=c["hard_labels"], amp=c["amp"],
+                     soft_labels_manifest=manifest, hard_labels=c["hard_labels"],
+                     amp=False if c["amp"] == "off" else c["amp"],   # fp32 keys from before --amp took a mode
                      world_size=info.world_size,
                      recipe={k: list(v) if isinstance(v, tuple) else v for k, v in opt.items()},
                      lr_by_model={m: r.lr for m, r in recipes.items()},

@@ -67,7 +67,7 @@ def naive_loss(net, params, u: D.Unroll, rows: list[torch.Tensor], alpha, method
             x = u.dsa.apply(x, u.plans[t])
         flat = student_params[-1]
         weights = {n: v.view(s) for n, v, s in zip(names, flat.split(sizes), shapes)}
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=u.amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=u.amp.enabled):
             out = torch.func.functional_call(net, weights, (x,))
         ce = F.cross_entropy(out.float(), u.labels[t])
         grad = torch.autograd.grad(ce, student_params[-1], create_graph=True)[0]

@@ -12,6 +12,7 @@ from distill import (DistillConfig, PixelImages, SpeedCode, Unroll, checkpointed
                      plan_unroll, resolve_config, unroll_batches, unrolled_loss)
 from networks import get_network
 from networks.functional import FlatNet, flatten_params
+from utils.amp import Amp
 from utils.datasets import get_dataset_spec
 from utils.dsa import DSA
 from utils.errors import UserError
@@ -404,12 +405,12 @@ def test_bench_naive_unroll_computes_the_same_loss_and_gradients():
 
 
 def test_amp_unroll_runs_and_stays_close():
-    """--amp (bf16 autocast of the student; GPU only in the CLI) exercised on CPU: same loss to bf16 precision."""
+    """--amp bf16 (autocast of the student) exercised on CPU: same loss to bf16 precision."""
     u, used = tiny_unroll(steps=2, dsa=False)
     x = torch.randn(len(used), 3, 8, 8, requires_grad=True)
     a = torch.tensor(0.05)
     full = unrolled_loss(u, x, a)
-    half = unrolled_loss(replace(u, amp=True), x, a)
+    half = unrolled_loss(replace(u, amp=Amp("bf16", "cpu")), x, a)
     half.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert abs(full.item() - half.item()) < 0.05 * full.item()

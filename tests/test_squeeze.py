@@ -267,7 +267,7 @@ def test_pretrained_offline_fails_with_one_line(tmp_path, monkeypatch):
     (["--arch", "ResNet-7"], "unknown network 'ResNet-7'"),
     (["--recipe", "sre2l-mnist"], "unknown recipe 'sre2l-mnist'"),
     (["--norm", "cifar11"], "unknown normalisation 'cifar11'"),
-    (["--amp", "--device", "cpu"], "--amp"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
 ])
 def test_cli_bad_input_gives_one_line(folder, tmp_path, extra, expected):
     args = ["--dataset", "ImageFolder", "--data-path", str(folder), "--arch", NET, "--epochs", "1",

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.amp import Amp, as_amp, fp32
 from utils.augment import apply_flip, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
 from utils.augment import crop_resize as _crop_resize
 from utils.checkpoint import check_finite
@@ -92,7 +93,7 @@ class KDRecipe:
     # the statistics of the current mixed batch, as SRe2L relabel_cifar.py and DWA validation_cifar.py do by
     # accident (decoupled.md §9.1 item 7) [compat]; the caller restores its buffers after each run.
     teacher_bn_mode: str = "eval"
-    amp: bool = False                    # bf16 autocast of the teacher and student forwards, on CUDA only
+    amp: str | Amp = "off"               # --amp of the teacher and student forwards (utils.amp: off, bf16, fp16)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -254,12 +255,12 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, recipe: KDRecipe, generator: tor
 
 # ---------------------------------------------------------------------------------------------- teacher
 
-def amp_context(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when `amp` (no GradScaler needed for bf16); a no-op elsewhere."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bool(amp) and device.type == "cuda")
+def amp_context(device: torch.device, amp: str | Amp | bool):
+    """The autocast region of `amp` (utils.amp mode or Amp) on `device`; a null context for "off"."""
+    return as_amp(amp, device).autocast()
 
 
-def teacher_soft_targets(net: nn.Module, bn_mode: str = "eval", amp: bool = False) -> Callable:
+def teacher_soft_targets(net: nn.Module, bn_mode: str = "eval", amp: str | Amp | bool = "off") -> Callable:
     """`soft_targets` for `train_network_kd`: the teacher's fp32 logits of exactly the given views, under no_grad.
     bn_mode "train" runs its BatchNorm on the batch statistics and updates its running buffers [compat, §9.1-7]."""
     if bn_mode not in ("eval", "train"):
@@ -268,7 +269,7 @@ def teacher_soft_targets(net: nn.Module, bn_mode: str = "eval", amp: bool = Fals
     def soft_targets(views: torch.Tensor) -> torch.Tensor:
         net.train(bn_mode == "train")
         with torch.no_grad(), amp_context(views.device, amp):
-            return net(views).float()
+            return fp32(net(views))
     return soft_targets
 
 
@@ -355,6 +356,7 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(net, recipe)
+    scaler = as_amp(recipe.amp, device).scaler()
     n = len(images)
     bs = min(recipe.batch_size, n)
     stored_images = prepare(_to_pixels(images)) if stored is not None else None
@@ -374,7 +376,7 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 continue
             views = views[rows]
             with amp_context(device, recipe.amp):
-                out = model(views)
+                out = fp32(model(views))
             if stored is not None:
                 t_logits = target[rows].to(device).float()
                 if t_logits.shape != out.shape:
@@ -384,10 +386,11 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             elif soft_targets is not None:
                 loss = kd_loss(out, soft_targets(views), recipe.temperature, recipe.t_squared)
             else:
-                loss = mixed_cross_entropy(out.float(), target[rows], y2[rows], r)
+                loss = mixed_cross_entropy(out, target[rows], y2[rows], r)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.item() * len(views)
             count += len(views)
         losses.append(total / max(count, 1))
@@ -418,7 +421,7 @@ def _epoch_batches(images, labels, recipe, generator, device, prepare, stored, s
 
 @torch.no_grad()
 def count_correct(net: nn.Module, data, device: torch.device, prepare: Prepare = identity, batch_size: int = 500,
-                  workers: int = 0, shard: Shard = Shard(), amp: bool = False) -> tuple[int, int]:
+                  workers: int = 0, shard: Shard = Shard(), amp: str | Amp | bool = "off") -> tuple[int, int]:
     """(correct, total) top-1 counts of `net` (eval mode) on this shard (items rank::world) of `data`: a pair of
     tensors, a TensorDataset, or any Dataset of (image, label). The caller all-reduces the counts."""
     if isinstance(data, torch.utils.data.TensorDataset):

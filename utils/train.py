@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.amp import Amp, as_amp, fp32
 from utils.checkpoint import check_finite
 from utils.errors import UserError
 from utils.misc import progress
@@ -66,6 +67,9 @@ class TrainRecipe:
     # mix_p 0 draws nothing from the generator, so runs without CutMix are unchanged.
     mix_p: float = 0.0
     beta: float = 1.0
+    # --amp: "off" (fp32), "bf16" or "fp16" (with a GradScaler), or a resolved utils.amp.Amp; the network's forward
+    # runs under autocast, the loss on fp32 logits
+    amp: str | Amp = "off"
     extra: dict = field(default_factory=dict)
 
 
@@ -194,6 +198,8 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
         raise UserError(f"CutMix probability must be in [0, 1], got {recipe.mix_p}")
     if recipe.mix_p > 0 and not (recipe.beta > 0 and math.isfinite(recipe.beta)):
         raise UserError(f"CutMix beta must be a positive number, got {recipe.beta}")
+    amp = as_amp(recipe.amp, device)
+    scaler = amp.scaler()
     net.to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
@@ -223,12 +229,17 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
                 x = recipe.dsa(x, generator=generator)
             if recipe.mix_p > 0:  # on the augmented batch: IDC normalises and augments first (idc_dream.md §2.5)
                 x, y, y2, r = maybe_cutmix(x, y, recipe.mix_p, recipe.beta, generator)
-                loss = mixed_cross_entropy(net(x), y, y2, r)
+                with amp.autocast():
+                    logits = fp32(net(x))
+                loss = mixed_cross_entropy(logits, y, y2, r)
             else:
-                loss = F.cross_entropy(net(x), y)
+                with amp.autocast():
+                    logits = fp32(net(x))
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / count)
