@@ -27,6 +27,7 @@ tied or drawn; ties in score keep that name order.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -44,7 +45,7 @@ import torchvision.transforms.functional as TF
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from utils.datasets import FileSplit, Split, iter_file_bytes, read_split
+from utils.datasets import FileSplit, Split, default_cache_dir, iter_file_bytes, per_class_indices, read_split
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
@@ -73,9 +74,17 @@ class TrainImages:
     labels: list[int]
     raw: Split | FileSplit
     raw_index: list[int]              # position -> index into `raw`
+    root: Path | None = None          # the --data-path the split was read from (keys the decoded cache)
 
     def __len__(self) -> int:
         return len(self.rel_paths)
+
+    def subset(self, positions: list[int]) -> "TrainImages":
+        """The same dataset restricted to `positions` (kept in position order: class-major, name-sorted)."""
+        keep = sorted(positions)
+        return TrainImages(self.dataset, self.channels, self.class_dirs, self.class_names,
+                           [self.rel_paths[p] for p in keep], [self.labels[p] for p in keep], self.raw,
+                           [self.raw_index[p] for p in keep], self.root)
 
     def class_positions(self) -> list[list[int]]:
         """Positions of each class (label order), in name order."""
@@ -148,7 +157,14 @@ def list_train_images(dataset: str, data_path: str | Path, download: bool = Fals
     if len(set(names)) != len(names):
         raise UserError(f"{spec.name}: two training files map to the same name under {data_path}")
     return TrainImages(spec.name, spec.channels, class_dirs, tuple(raw.class_names), [names[i] for i in order],
-                       [labels[i] for i in order], raw, order)
+                       [labels[i] for i in order], raw, order, Path(data_path).expanduser())
+
+
+def train_subset_of(images: TrainImages, per_class: int, seed: int) -> TrainImages:
+    """`--train-subset N`: N seeded random images per class (utils.datasets.per_class_indices, the draw every stage
+    uses for --train-subset), ranked and selected from instead of the whole split."""
+    labels = torch.tensor(images.labels, dtype=torch.int64)
+    return images.subset(per_class_indices(labels, len(images.class_dirs), per_class, seed).tolist())
 
 
 # ------------------------------------------------------------------------------------- preprocessing
@@ -197,6 +213,74 @@ def _decode_chunk(images: TrainImages, chunk: list, resolution: int, resize: str
     return torch.stack(list(pool.map(one, chunk)) if pool is not None else [one(c) for c in chunk])
 
 
+def _pixel_cache_path(images: TrainImages, resolution: int, resize: str, cache_dir: Path | None) -> Path | None:
+    """Where the preprocessed uint8 pixels of a file dataset's whole training split are kept: keyed by dataset,
+    data folder (path and modification time, as utils.datasets' decoded cache), image count, R and the resize
+    rule. None for in-memory datasets, which have nothing to decode."""
+    if not isinstance(images.raw, FileSplit) or images.root is None:
+        return None
+    root = images.root
+    key = (f"{images.dataset}|{root.resolve()}|train|{len(images.raw.files)}|{resolution}|{resize}|"
+           f"{root.stat().st_mtime_ns}|rank-v1")
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    return folder / f"{images.dataset}-rank-{resize}{resolution}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+
+def load_pixel_cache(images: TrainImages, resolution: int, resize: str,
+                     cache_dir: Path | None = None) -> torch.Tensor | None:
+    """The cached pixels [len(raw), C, R, R] (in the split's raw order) when a valid entry exists, else None."""
+    path = _pixel_cache_path(images, resolution, resize, cache_dir)
+    if path is None or not path.is_file():
+        return None
+    try:
+        px = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a stale or broken entry is rebuilt, never trusted
+        return None
+    want = (len(images.raw.files), images.channels, resolution, resolution)
+    return px if isinstance(px, torch.Tensor) and px.dtype == torch.uint8 and tuple(px.shape) == want else None
+
+
+def decode_all(images: TrainImages, resolution: int, resize: str, workers: int = 0, batch_size: int = 256,
+               show_progress: bool = False) -> torch.Tensor:
+    """Every image of the split preprocessed for the teacher, uint8 [len(raw), C, R, R] in raw order."""
+    n = len(images.raw.files) if isinstance(images.raw, FileSplit) else len(images.raw.images)
+    out = torch.empty(n, images.channels, resolution, resolution, dtype=torch.uint8)
+    names, labels = [""] * n, [0] * n
+    for p, i in enumerate(images.raw_index):
+        names[i], labels[i] = images.rel_paths[p], images.labels[p]
+    full = TrainImages(images.dataset, images.channels, images.class_dirs, images.class_names, names, labels,
+                       images.raw, list(range(n)), images.root)   # position = raw index
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    try:
+        it = progress(full.read(list(range(n))), total=n, desc="decoding", disable=None if show_progress else True)
+        for chunk in _chunks(it, batch_size):
+            out[[p for p, _ in chunk]] = _decode_chunk(full, chunk, resolution, resize, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return out
+
+
+def cached_pixels(images: TrainImages, resolution: int, resize: str, *, workers: int = 0, batch_size: int = 256,
+                  cache_dir: Path | None = None, max_gb: float = 4.0, build: bool = True,
+                  show_progress: bool = False) -> torch.Tensor | None:
+    """The preprocessed pixels of the whole split in raw order, from the decoded cache; decoded once and stored
+    there when `build` and they fit in `max_gb`. None when there is no cache (in-memory datasets, too large, or
+    not built): the caller then decodes what it needs as it goes."""
+    px = load_pixel_cache(images, resolution, resize, cache_dir)
+    path = _pixel_cache_path(images, resolution, resize, cache_dir)
+    if px is not None or path is None or not build:
+        return px
+    if len(images.raw.files) * images.channels * resolution ** 2 > max_gb * 2 ** 30:
+        return None
+    px = decode_all(images, resolution, resize, workers, batch_size, show_progress)
+    try:
+        atomic_torch_save(px, path)
+    except OSError:
+        pass  # a read-only cache folder is no reason to fail the run
+    return px
+
+
 @torch.no_grad()
 def true_class_scores(teacher: Teacher, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the true class (§5.1 item 3) for uint8 pixels [N, C, R, R], normalised with the
@@ -208,11 +292,20 @@ def true_class_scores(teacher: Teacher, pixels: torch.Tensor, labels: torch.Tens
 
 
 def score_images(teacher: Teacher, images: TrainImages, positions: list[int] | None = None, batch_size: int = 256,
-                 workers: int = 0, resize: str = "delt", show_progress: bool = False) -> torch.Tensor:
-    """Scores of the images at `positions` (default: all), aligned with `positions`; batched, deterministic."""
+                 workers: int = 0, resize: str = "delt", show_progress: bool = False,
+                 pixels: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of the images at `positions` (default: all), aligned with `positions`; batched, deterministic.
+    With `pixels` (the split's preprocessed pixels in raw order, `cached_pixels`) no image file is read."""
     positions = list(range(len(images))) if positions is None else list(positions)
     slot = {p: k for k, p in enumerate(positions)}
     out = torch.full((len(positions),), float("nan"), dtype=torch.float64)
+    if pixels is not None:
+        for chunk in _chunks(progress(positions, total=len(positions), desc="ranking",
+                                      disable=None if show_progress else True), batch_size):
+            px = pixels[[images.raw_index[p] for p in chunk]]
+            labels = torch.tensor([images.labels[p] for p in chunk])
+            out[[slot[p] for p in chunk]] = true_class_scores(teacher, px, labels)
+        return out
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
         it = progress(images.read(positions), total=len(positions), desc="ranking",
@@ -475,8 +568,14 @@ def rank_and_select(teacher_path: Path, data_path: Path, out: Path, *, ipc: int,
                     dataset: str | None = None, arch: str | None = None, norm: str | None = None,
                     res: int | None = None, seed: int = 0, ranking_file: Path | None = None,
                     store_rank_file: bool = False, fmt: str = "folder", resize: str = "delt", batch_size: int = 256,
-                    workers: int = 0, device: str = "auto", download: bool = False, quiet: bool = True) -> dict:
-    """The whole stage; returns the manifest written to `out/selection.json`."""
+                    workers: int = 0, device: str = "auto", download: bool = False, quiet: bool = True,
+                    train_subset: int | None = None, cache: bool = True, cache_dir: Path | None = None,
+                    max_memory_gb: float = 4.0) -> dict:
+    """The whole stage; returns the manifest written to `out/selection.json`.
+
+    The ranking pass reads the split's preprocessed pixels from the decoded cache (`cached_pixels`; built on the
+    first full ranking of a file dataset, `cache=False` to neither read nor write it); `train_subset` ranks and
+    selects among that many seeded random images per class."""
     log = RunLog(None, quiet=quiet)
     if selection not in SELECTORS:
         raise UserError(f"unknown --selection '{selection}' ({', '.join(SELECTORS)})")
@@ -502,6 +601,8 @@ def rank_and_select(teacher_path: Path, data_path: Path, out: Path, *, ipc: int,
         images = list_train_images(teacher.dataset, data_path, download)
     check_teacher_fits(teacher, images, log)
     check_output_dir(out, images)
+    if train_subset is not None:
+        images = train_subset_of(images, train_subset, seed)
     for c, pos in enumerate(images.class_positions()):  # before the (long) ranking pass
         if ipc > len(pos):
             raise UserError(f"class '{images.class_dirs[c]}' has only {len(pos)} training images, "
@@ -517,8 +618,12 @@ def rank_and_select(teacher_path: Path, data_path: Path, out: Path, *, ipc: int,
         scores = read_ranking(rank_path, images)
         log.info(f"re-using the ranking in {rank_path} (pass --store-rank-file to recompute it)")
     elif needs_scores:
+        # a subset reads the cache when it exists but does not decode the whole split to build it
+        pixels = cached_pixels(images, teacher.resolution, resize, workers=workers, batch_size=batch_size,
+                               cache_dir=cache_dir, max_gb=max_memory_gb, build=train_subset is None,
+                               show_progress=not quiet) if cache else None
         scores = score_images(teacher, images, batch_size=batch_size, workers=workers, resize=resize,
-                              show_progress=not quiet)
+                              show_progress=not quiet, pixels=pixels)
         write_ranking(ranking_table(images, scores), rank_path)
         log.info(f"ranking written to {rank_path}")
 
@@ -526,7 +631,7 @@ def rank_and_select(teacher_path: Path, data_path: Path, out: Path, *, ipc: int,
     folder, tensors = FORMATS[fmt]
     config = dict(teacher=str(teacher_path.resolve()), data_path=str(Path(data_path).resolve()),
                   selection=selection, seed=seed, ranking_file=str(rank_path) if scores is not None else None,
-                  norm=norm, output_format=fmt)
+                  norm=norm, output_format=fmt, **({"train_subset": train_subset} if train_subset else {}))
     doc = write_selection(out, images, teacher, picks, scores, folder=folder, tensors=tensors, resize=resize,
                           batch_size=batch_size, workers=workers, manifest=config, show_progress=not quiet)
     atomic_write_json(dict(config, dataset=images.dataset, arch=teacher.arch, ipc=ipc, resize=resize,
@@ -587,17 +692,25 @@ def main(
     workers: int = typer.Option(0, "--workers", "-j", help="Threads decoding images (0: decode in the main thread)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     download: bool = typer.Option(False, "--download", help="Try torchvision's downloader when files are missing."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Rank and select among this many seeded "
+                                               "(--seed) random training images per class instead of all of them."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep the preprocessed training pixels of a file "
+                               "dataset in the decoded-image cache ($DDT_CACHE, default ~/.cache/ddtoolkit) after "
+                               "the first full ranking, so later rankings (another teacher, selection or IPC) "
+                               "decode no image."),
+    max_memory_gb: float = typer.Option(4.0, "--max-memory-gb", help="Splits larger than this (decoded) are not "
+                                        "cached: they are decoded batch by batch as before."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress messages."),
 ):
     """Rank real training images by the teacher's true-class probability and copy a per-class selection
     (DELT medium/top/min, or DWA's seeded random real init)."""
-    require_at_least({"--ipc": ipc, "--batch-size": batch_size, "--res": res})
+    require_at_least({"--ipc": ipc, "--batch-size": batch_size, "--res": res, "--train-subset": train_subset})
     if tensor_files and fmt == "folder":
         fmt = "both"
     rank_and_select(teacher, data_path, out, ipc=ipc, selection=selection, dataset=dataset, arch=arch, norm=norm,
                     res=res, seed=seed, ranking_file=ranking_file, store_rank_file=store_rank_file, fmt=fmt,
                     resize=resize, batch_size=batch_size, workers=workers, device=device, download=download,
-                    quiet=quiet)
+                    quiet=quiet, train_subset=train_subset, cache=cache, max_memory_gb=max_memory_gb)
 
 
 if __name__ == "__main__":

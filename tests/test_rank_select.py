@@ -248,6 +248,50 @@ def test_ranking_file_reuse_versus_store_rank_file(setup, tmp_path):
     assert len(r.output.strip().splitlines()) == 1
 
 
+def test_second_ranking_reads_the_decoded_cache_and_decodes_nothing(setup, tmp_path, monkeypatch):
+    data, teacher = setup
+    monkeypatch.setenv("DDT_CACHE", str(tmp_path / "cache"))
+    common = ["--teacher", teacher, "--data-path", data, "--ipc", "2", "--quiet"]
+    r = cli(*common, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    (entry,) = (tmp_path / "cache").glob("ImageFolder-rank-delt16-*.pt")
+    px = torch.load(entry, weights_only=True)
+    assert px.dtype == torch.uint8 and px.shape == (15, 3, 16, 16)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded")
+    monkeypatch.setattr(RS.TrainImages, "open_image", no_decoding)
+    r = cli(*common, "--out", tmp_path / "b", "--selection", "top")
+    assert r.exit_code == 0, r.output
+    a = pd.read_csv(tmp_path / "a" / "ranking.csv")
+    pd.testing.assert_frame_equal(a, pd.read_csv(tmp_path / "b" / "ranking.csv"))
+    hand = hand_scores(teacher, data)
+    assert np.allclose(a["score"], [hand[p] for p in a["img_path"]], rtol=1e-5, atol=1e-7)
+    # --no-cache neither reads nor writes it: here it must decode (and so meets the patched decoder)
+    r = cli(*common, "--out", tmp_path / "c", "--no-cache")
+    assert r.exit_code != 0 and isinstance(r.exception, AssertionError)
+
+
+def test_train_subset_ranks_and_selects_the_seeded_subset(setup, tmp_path, monkeypatch):
+    from utils.datasets import per_class_indices
+    data, teacher = setup
+    monkeypatch.setenv("DDT_CACHE", str(tmp_path / "cache"))
+    r = cli("--teacher", teacher, "--data-path", data, "--ipc", "2", "--train-subset", "3", "--seed", "1",
+            "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    full = RS.list_train_images("ImageFolder", data)
+    want = {full.rel_paths[p] for p in per_class_indices(torch.tensor(full.labels), 3, 3, 1).tolist()}
+    ranked = pd.read_csv(tmp_path / "o" / "ranking.csv")
+    assert set(ranked["img_path"]) == want and len(ranked) == 9
+    doc = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert doc["train_subset"] == 3
+    assert all(e["img_path"] in want for v in doc["picks"].values() for e in v)
+    assert not list((tmp_path / "cache").glob("*-rank-*.pt"))   # a subset does not decode the whole split
+    r = cli("--teacher", teacher, "--data-path", data, "--ipc", "2", "--train-subset", "5", "--out", tmp_path / "p")
+    assert r.exit_code == 2 and r.output.strip() == "error: class 2 has only 4 images, 5 per class were asked for"
+    assert not (tmp_path / "p").exists()
+
+
 def test_archive_gives_same_ranking_and_byte_exact_copies(setup, tmp_path):
     data, teacher = setup
     arch_root = tmp_path / "packed"
