@@ -41,8 +41,8 @@ from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_sta
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
-from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, masked_topk, speed_decoder_args,
-                         speed_preset, speed_tensors, storage_floats, straight_through_topk)
+from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, kept_code_mass, masked_topk,
+                         speed_decoder_args, speed_preset, speed_tensors, storage_floats, straight_through_topk)
 from utils.synset import SyntheticSet, make_meta, save_synset
 from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.train import standardize_batch
@@ -87,6 +87,7 @@ class DistillConfig:
     scm_train: str = "dense"         # dense: the reference (top-k only at save, bug 10); topk-ste: see SCM_TRAIN
     l1_mode: str = "subgradient"     # subgradient: the reference (§3.3); proximal: soft-threshold after each step
     topk_from: Optional[int] = None  # from this iteration on, train through the top-k codes (scm_train "topk")
+    topk_share: Optional[float] = None  # or: the last share of the iterations does (derived rows: 0.5; see topk_start)
     # MTT
     lr_img: float = 1000.0
     pix_init: str = "real"           # real: random real images of each class; noise: N(0, 1)
@@ -144,15 +145,42 @@ def default_model(resolution: int) -> str:
     return "ConvNet" if resolution <= 32 else f"ConvNetD{int(round(math.log2(resolution / 4)))}"
 
 
+# MTT without a published row (e.g. Fashion-MNIST, or CIFAR-10 at IPC 5): the row of the family of the nearest
+# resolution at the largest published IPC not above the requested one (the smallest otherwise), all its values as
+# published; the same rule as SPEED's derived defaults (docs/SPEED_MTT.md, "Derived defaults").
+MTT_REFERENCE_FAMILY = {32: "CIFAR10", 64: "TinyImageNet"}
+
+
+def mtt_reference_row(resolution: int, ipc: int) -> dict:
+    """The MTT_PRESETS row a derived MTT configuration copies."""
+    family = MTT_REFERENCE_FAMILY[min(MTT_REFERENCE_FAMILY, key=lambda r: (abs(r - resolution), -r))]
+    ipcs = sorted(i for (d, i) in MTT_PRESETS if d == family)
+    below = [i for i in ipcs if i <= ipc]
+    return MTT_PRESETS[(family, below[-1] if below else ipcs[0])]
+
+
 def preset_values(method: str, spec: DatasetSpec, ipc: int) -> dict:
-    """The published row for this method, dataset and IPC as DistillConfig fields (empty when none exists)."""
+    """The published row for this method, dataset and IPC as DistillConfig fields; without one, MTT's derived row
+    (mtt_reference_row) and SPEED's derived default (utils.speed.speed_preset)."""
     if method == "mtt":
-        row = MTT_PRESETS.get((spec.name, ipc), {})
+        row = MTT_PRESETS.get((spec.name, ipc)) or mtt_reference_row(spec.resolution, ipc)
         return {**MTT_COMMON, **row}
     cfg = speed_preset(spec.name, ipc)
     return dict(model=cfg.model, n_per_class=cfg.n_per_class, num_saet=cfg.num_saet, dim=cfg.dim, depth=cfg.depth,
                 heads=cfg.heads, patch=cfg.patch, top_k=cfg.top_k, l1_weight=cfg.l1_weight,
-                batch_syn=cfg.batch_syn, syn_steps=cfg.syn_steps, max_start_epoch=cfg.max_start_epoch)
+                batch_syn=cfg.batch_syn, syn_steps=cfg.syn_steps, max_start_epoch=cfg.max_start_epoch,
+                topk_share=cfg.topk_share)
+
+
+def topk_start(cfg: DistillConfig) -> Optional[int]:
+    """The first iteration trained through the saved top-k codes: --topk-from when given, else the start of the
+    last `topk_share` of the iterations (derived presets), else None (dense training throughout, the reference).
+    A continued run (larger --iterations) moves this point with the new total."""
+    if cfg.topk_from is not None:
+        return cfg.topk_from
+    if cfg.topk_share:
+        return cfg.iterations - round(cfg.topk_share * cfg.iterations)
+    return None
 
 
 SPEED_SHAPE_FIELDS = ("num_saet", "dim", "depth", "heads", "patch", "top_k")
@@ -202,6 +230,8 @@ def check_config(cfg: DistillConfig, spec: DatasetSpec) -> None:
         raise UserError(f"--inner-momentum must be in [0, 1), got {cfg.inner_momentum}")
     if cfg.l1_mode not in L1_MODES:
         raise UserError(f"unknown --l1-mode '{cfg.l1_mode}' ({', '.join(L1_MODES)})")
+    if cfg.topk_share is not None and not 0 <= cfg.topk_share <= 1:
+        raise UserError(f"--topk-share must lie in [0, 1], got {cfg.topk_share}")
     if cfg.scm_train not in SCM_TRAIN:
         raise UserError(f"unknown --scm-train '{cfg.scm_train}' ({', '.join(SCM_TRAIN)})")
     if cfg.method == "mtt" and cfg.pix_init not in ("real", "noise"):
@@ -303,7 +333,8 @@ class SpeedCode:
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
         codes = self.scm[idx]
         mode = self.cfg.scm_train
-        if self.cfg.topk_from is not None and self.iteration >= self.cfg.topk_from:
+        switch = topk_start(self.cfg)
+        if switch is not None and self.iteration >= switch:
             mode = "topk"
         if mode == "topk-ste":
             codes = straight_through_topk(codes, self.cfg.top_k)
@@ -614,6 +645,30 @@ def build_synset(cfg: DistillConfig, spec: DatasetSpec, params, alpha: torch.Ten
     return SyntheticSet(tensors, labels, meta, lr=alpha.detach().cpu().float().reshape(()), zca_state=zca_state)
 
 
+# Below this share of the trained code mass kept by the saved top-k, the stored set is "far from what was trained".
+KEPT_MASS_WARN = 0.9
+
+
+def trained_dense_at_end(cfg: DistillConfig) -> bool:
+    """Whether the last iteration's forward pass used the dense codes (so what is saved, the top-k, differs)."""
+    switch = topk_start(cfg)
+    return cfg.scm_train == "dense" and (switch is None or switch >= cfg.iterations)
+
+
+def stored_form_note(cfg: DistillConfig, params) -> Optional[str]:
+    """One line for the end of the run when the saved set is far from what was trained (SPEED trained on dense codes
+    and saved as top-k: the share of the code mass the top-k keeps), else None."""
+    if cfg.method != "speed" or not trained_dense_at_end(cfg):
+        return None
+    kept = kept_code_mass(params.scm, cfg.top_k)
+    if kept >= KEPT_MASS_WARN:
+        return None
+    lk = (params.scm.shape[2] * params.scm.shape[3])
+    return (f"warning: the saved set keeps {100 * kept:.1f} % of the trained code mass (top {cfg.top_k} of {lk} "
+            "codes per image and head; the codes were trained dense), so it is not the set that was trained; "
+            "--topk-share 0.5 trains the last half of the iterations through the saved codes (docs/SPEED_MTT.md)")
+
+
 def save_outputs(out: Path, syn: SyntheticSet) -> None:
     """The set in place (synset.pt, meta.json, zca.pt, grid.png of the decoded images) plus the decoded images in
     MTT's file names, which MTT/SPEED evaluation code and `validate.py` read as well."""
@@ -714,7 +769,10 @@ def main(
     lr_freenet: Optional[float] = _O(None, "--lr-freenet", "--lr_freenet", help="SPEED: FReeNet lr (0.01)."),
     topk_from: Optional[int] = _O(None, "--topk-from", help="SPEED: from this iteration on, train through the "
                                   "top-k codes that will be saved (gradient to the kept codes only): a dense phase, "
-                                  "then fine-tuning of the stored representation (a non-default variant)."),
+                                  "then fine-tuning of the stored representation. Wins over --topk-share."),
+    topk_share: Optional[float] = _O(None, "--topk-share", help="SPEED: train the last this share of the "
+                                     "iterations through the saved top-k codes (derived presets 0.5, published rows "
+                                     "0 = the reference's dense training; docs/SPEED_MTT.md)."),
     init_std: Optional[float] = _O(None, "--init-std", help="SPEED: std of the Gaussian SAET/SCM initialisation "
                                    "(0.2, hard-coded in the reference)."),
     l1_mode: Optional[str] = _O(None, "--l1-mode", help="SPEED: subgradient (reference: lambda*sign(A) in the SGD "
@@ -757,7 +815,8 @@ def main(
                     inner_momentum=inner_momentum, lr_floor=lr_floor, outer_momentum=outer_momentum, lr_img=lr_img,
                     pix_init=pix_init, n_per_class=n_per_class, num_saet=num_saet, dim=dim, depth=depth, heads=heads,
                     patch=patch, top_k=top_k, l1_weight=l1_weight, lr_saet=lr_saet, lr_scm=lr_scm,
-                    lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, topk_from=topk_from, dsa=False if no_aug else dsa,
+                    lr_freenet=lr_freenet, scm_train=scm_train, l1_mode=l1_mode, init_std=init_std, topk_from=topk_from,
+                    topk_share=topk_share, dsa=False if no_aug else dsa,
                     dsa_strategy=dsa_strategy,
                     inner_standardize=inner_standardize, load_all=load_all or None, max_files=max_files,
                     max_experts=max_experts, checkpoint_unroll=checkpoint_unroll or None, amp=amp, seed=seed)
@@ -858,6 +917,9 @@ def main(
         save_outputs(out, syn)
         print(f"wrote {cfg.method} set: {len(syn.labels)} images ({len(syn.labels) // spec.num_classes}/class, budget "
               f"ipc {ipc}), learned lr {float(alpha):.5f}, to {out}")
+        note = stored_form_note(cfg, params)
+        if note:
+            typer.echo(note, err=True)
 
 
 if __name__ == "__main__":

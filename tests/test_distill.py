@@ -152,6 +152,66 @@ def test_presets_resolve_per_dataset_and_ipc():
         resolve_config("kip", cifar, 10, {})
 
 
+# sha256 of every published row's resolved settings (json, sorted keys) at commit 95c0d95, before derived presets
+# were reworked: SPEED's 20 rows and MTT's 9. A published row must resolve byte-identically forever.
+PUBLISHED_SPEED_SHA256 = "911c36ae2676926bf1e213ce54209c17360a451da4228bb2ea65e46402ed4160"
+PUBLISHED_MTT_SHA256 = "102f4a522513605fd615644289d19f4d64917795a598947f2d544cad2db254f3"
+
+
+def test_published_rows_resolve_exactly_as_published():
+    import hashlib
+    from dataclasses import asdict
+    from utils.speed import SPEED_PRESETS
+
+    def digest(method, keys):
+        rows = {}
+        for name, ipc in sorted(keys):
+            cfg = asdict(resolve_config(method, get_dataset_spec(name), ipc, {}))
+            assert cfg.pop("topk_share") is None                   # the reference's dense training
+            rows[f"{name}/{ipc}"] = cfg
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    assert digest("speed", SPEED_PRESETS) == PUBLISHED_SPEED_SHA256
+    assert digest("mtt", distill.MTT_PRESETS) == PUBLISHED_MTT_SHA256
+    c1 = resolve_config("speed", get_dataset_spec("CIFAR10"), 1, {})
+    assert distill.topk_start(c1) is None and distill.trained_dense_at_end(c1)
+
+
+def test_derived_rows_train_the_saved_codes_for_the_last_share():
+    fm = get_dataset_spec("FashionMNIST")
+    cfg = resolve_config("speed", fm, 1, {"iterations": 300})
+    assert (cfg.topk_share, distill.topk_start(cfg), distill.trained_dense_at_end(cfg)) == (0.5, 150, False)
+    assert distill.topk_start(replace(cfg, iterations=301)) == 151            # the last round(0.5 * 301) = 150
+    assert distill.topk_start(resolve_config("speed", fm, 1, {"iterations": 300, "topk_from": 7})) == 7
+    off = resolve_config("speed", fm, 1, {"iterations": 300, "topk_share": 0.0})
+    assert distill.topk_start(off) is None and distill.trained_dense_at_end(off)
+    assert distill.topk_start(resolve_config("speed", fm, 1, {"iterations": 300, "topk_share": 1.0})) == 0
+    with pytest.raises(UserError, match="--topk-share must lie in"):
+        distill.check_config(resolve_config("speed", fm, 1, {"topk_share": 1.5}), fm)
+    # MTT without a published row: the nearest published row (CIFAR-10 at the largest IPC <= the requested one)
+    mtt = resolve_config("mtt", fm, 1, {})
+    assert (mtt.syn_steps, mtt.max_start_epoch, mtt.lr_img, mtt.lr_lr, mtt.inner_momentum, mtt.batch_syn) == \
+        (50, 2, 1000, 1e-7, 0.0, None)
+    assert resolve_config("mtt", get_dataset_spec("CIFAR10"), 5, {}).syn_steps == 50
+    assert resolve_config("mtt", get_dataset_spec("SVHN"), 20, {}).syn_steps == 30
+    assert resolve_config("mtt", get_dataset_spec("imagenette"), 10, {}).lr_img == 10000   # 128 px: Tiny's row
+
+
+def test_stored_form_note_gives_the_kept_code_mass_when_trained_dense():
+    from utils.speed import kept_code_mass, topk_prune
+    cfg, spec, params, *_ = _fixed_problem("speed")          # dense training (the reference), k 8 of L·K 64
+    note = distill.stored_form_note(cfg, params)
+    kept = kept_code_mass(params.scm, cfg.top_k)
+    assert kept < 0.5 and note.startswith("warning: ") and "\n" not in note
+    assert f"keeps {100 * kept:.1f} % of the trained code mass (top 8 of 64 codes" in note
+    assert distill.stored_form_note(replace(cfg, topk_share=0.5), params) is None      # trained through the top-k
+    assert distill.stored_form_note(replace(cfg, scm_train="topk-ste"), params) is None
+    with torch.no_grad():                      # codes already top-k sparse: the stored set is what was trained
+        params.scm.copy_(topk_prune(params.scm, cfg.top_k))
+    assert distill.stored_form_note(cfg, params) is None
+    mtt_cfg, _, mtt_params, *_ = _fixed_problem("mtt")
+    assert distill.stored_form_note(mtt_cfg, mtt_params) is None
+
+
 def test_every_published_speed_row_passes_the_checks():
     from utils.speed import SPEED_PRESETS
     for (name, ipc) in SPEED_PRESETS:
@@ -232,7 +292,7 @@ def test_cli_speed_writes_a_set_validate_decodes(experts, tmp_path):
     assert t["scm_index"].dtype == torch.int16 and t["scm_value"].shape == t["scm_index"].shape
     syn = load_synset(out)
     images, labels = syn.decode()
-    assert images.shape == (80, 1, 28, 28) and torch.equal(labels, torch.arange(10).repeat_interleave(8))
+    assert images.shape == (50, 1, 28, 28) and torch.equal(labels, torch.arange(10).repeat_interleave(5))
     assert torch.allclose(images, torch.load(out / "images_final.pt", weights_only=True))
     assert 0.001 <= float(syn.lr) and len((out / "log.csv").read_text().splitlines()) == 5
     cfg = json.loads((out / "config.json").read_text())
@@ -342,6 +402,18 @@ def test_unpublished_row_runs_with_explicit_shape_only():
     cfg = resolve_config("speed", tiny, 50, shape)
     distill.check_config(cfg, tiny)
     assert cfg.model == "ConvNetD4" and cfg.n_per_class > 78
+
+
+def test_cli_warns_at_the_end_when_the_saved_codes_are_not_what_was_trained(experts, tmp_path):
+    r = _distill(experts, tmp_path / "dense", "--topk-share", "0", "--iterations", "2")
+    assert r.exit_code == 0, r.output
+    warn = r.stderr.splitlines()                         # --quiet: the note is all there is on stderr, one line
+    assert len(warn) == 1 and warn[0].startswith("warning: the saved set keeps ")
+    assert "% of the trained code mass (top 37 of 784 codes" in warn[0]
+    assert r.stdout.splitlines()[-1].startswith("wrote speed set: 50 images")
+    r = _distill(experts, tmp_path / "derived", "--iterations", "2")               # the derived default
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output
 
 
 def test_cli_speed_topk_ste_trains_the_saved_codes(experts, tmp_path):

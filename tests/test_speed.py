@@ -252,13 +252,61 @@ def test_derive_config_reproduces_published_n_per_class_and_picks_the_largest():
         with pytest.raises(UserError, match="over the IPC"):
             check_budget(over, 10, spec.channels)
     fm = speed_preset("FashionMNIST", 10)
-    assert (fm.resolution, fm.patch, fm.tokens_per_image, fm.dim, fm.top_k) == (28, 4, 49, 32, 24)
-    # one-channel defaults store many more images than pixel storage would at every IPC
-    assert [speed_preset("FashionMNIST", i).n_per_class for i in (1, 10, 50)] == [8, 100, 164]
+    assert (fm.resolution, fm.patch, fm.tokens_per_image, fm.dim, fm.top_k) == (28, 4, 49, 48, 37)
+    # one-channel defaults store more images than pixel storage would at every IPC
+    assert [speed_preset("FashionMNIST", i).n_per_class for i in (1, 10, 50)] == [5, 40, 89]
     assert speed_preset("SVHN", 10).n_per_class == SPEED_PRESETS[("CIFAR10", 10)].n_per_class
     with pytest.raises(UserError, match="cannot hold one image"):
         derive_config("MNIST", 1, 10, 1, 28, patch=4, num_saet=64, dim=192, depth=3, heads=6, top_k=48,
                       l1_weight=1e-7, batch_syn=64, syn_steps=10, max_start_epoch=5)
+
+
+def test_derived_defaults_follow_one_rule_from_the_nearest_published_row():
+    from utils.speed import DERIVED_TOPK_SHARE, derive_defaults, reference_row
+    # the reference row: family of the nearest resolution, largest published IPC <= the requested one
+    assert reference_row(28, 1) is SPEED_PRESETS[("CIFAR10", 1)]
+    assert reference_row(28, 5) is SPEED_PRESETS[("CIFAR10", 1)]
+    assert reference_row(32, 100) is SPEED_PRESETS[("CIFAR10", 50)]
+    assert reference_row(64, 10) is SPEED_PRESETS[("TinyImageNet", 10)]
+    assert reference_row(224, 1) is SPEED_PRESETS[("imagenette", 1)]
+    # RGB at the reference's geometry (SVHN): rho = 1, so the published code shape itself, trained in two phases
+    for ipc in (1, 10, 50):
+        svhn, c10 = speed_preset("SVHN", ipc), SPEED_PRESETS[("CIFAR10", ipc)]
+        assert {**svhn.__dict__, "dataset": "CIFAR10", "topk_share": None} == c10.__dict__
+        assert svhn.topk_share == DERIVED_TOPK_SHARE == 0.5
+    # 28 px, one channel, IPC 1 by hand: p = the divisor of 28 nearest 4·28/32 = 3.5 -> 4 (L = 49);
+    # rho = 784 / 3072, D = 2·round(32·sqrt(rho)/2) = 16; k = round(48·49/64) = 37 (the kept fraction of the row);
+    # budget 7840 floats, fixed K·D + FReeNet = 256 + 880 + 272 = 1408, 1110 per image per class -> N/c = 5
+    fm = speed_preset("FashionMNIST", 1)
+    assert (fm.patch, fm.tokens_per_image, fm.dim, fm.num_saet, fm.depth, fm.heads, fm.top_k, fm.n_per_class) == \
+        (4, 49, 16, 16, 1, 2, 37, 5)
+    assert storage_floats(fm, 10, 1) == 1408 + 5 * 1110
+    assert (fm.l1_weight, fm.batch_syn, fm.syn_steps, fm.max_start_epoch, fm.model) == (3e-6, 64, 60, 10, "ConvNet")
+    # every derived row: the reference's kept fraction to within one code, D a multiple of h, largest fitting N/c
+    for (name, ipc), cfg in DERIVED_DEFAULTS.items():
+        ref = reference_row(cfg.resolution, ipc)
+        lk, ref_lk = cfg.tokens_per_image * cfg.num_saet, ref.tokens_per_image * ref.num_saet
+        assert abs(cfg.top_k / lk - ref.top_k / ref_lk) <= 0.5 / lk, (name, ipc)
+        assert cfg.dim % cfg.heads == 0 and (cfg.heads, cfg.depth, cfg.num_saet) == (ref.heads, ref.depth,
+                                                                                        ref.num_saet)
+        assert cfg == derive_defaults(name, ipc) and cfg.topk_share == DERIVED_TOPK_SHARE
+    # the rule reads geometry, never the name: MNIST and Fashion-MNIST get the same code
+    assert {**speed_preset("MNIST", 10).__dict__, "dataset": "x"} == {**speed_preset("FashionMNIST", 10).__dict__,
+                                                                      "dataset": "x"}
+    # any IPC of a dataset the paper never ran; published rows carry no two-phase training
+    assert speed_preset("FashionMNIST", 5).n_per_class > speed_preset("FashionMNIST", 1).n_per_class
+    assert speed_preset("ImageNet10", 1).patch == 14 and speed_preset("ImageNet10", 1).tokens_per_image == 256
+    assert all(cfg.topk_share is None for cfg in SPEED_PRESETS.values())
+
+
+def test_kept_code_mass_hand_case():
+    from utils.speed import kept_code_mass
+    scm = torch.tensor([3.0, -1.0, 1.0, -5.0, 0.0, 2.0, -2.0, 0.0]).view(2, 1, 2, 2)
+    assert kept_code_mass(scm, 2) == pytest.approx((5 + 3 + 2 + 2) / (10 + 4))
+    assert kept_code_mass(scm, 4) == 1.0 and kept_code_mass(torch.zeros(1, 1, 2, 2), 1) == 1.0
+    assert kept_code_mass(scm, 1, chunk_elements=4) == pytest.approx((5 + 2) / 14)   # chunked = whole
+    with pytest.raises(UserError, match="top_k = 5"):
+        kept_code_mass(scm, 5)
 
 
 def test_preset_errors():

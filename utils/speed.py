@@ -176,7 +176,9 @@ IMAGENET_SUBSET_NAMES = ("imagenette", "imagewoof", "imagefruit", "imagemeow", "
 @dataclass(frozen=True)
 class SpeedConfig:
     """One SPEED configuration (speed.md §4 columns). `n_per_class` = N/c synthetic images per class,
-    `num_saet` = K, `top_k` = k, `dim` = D, `depth` = T, `heads` = h; mlp_ratio is 1 and LN eps 1e-6 always."""
+    `num_saet` = K, `top_k` = k, `dim` = D, `depth` = T, `heads` = h; mlp_ratio is 1 and LN eps 1e-6 always.
+    `topk_share`: the final share of the iterations trained through the saved top-k codes (None: the reference's
+    dense training, every published row; derived rows: DERIVED_TOPK_SHARE)."""
     dataset: str
     ipc: int
     model: str
@@ -192,6 +194,7 @@ class SpeedConfig:
     dim: int
     depth: int
     heads: int
+    topk_share: float | None = None
 
     def __post_init__(self):
         if self.resolution % self.patch:
@@ -204,6 +207,8 @@ class SpeedConfig:
         if lk > INDEX_RANGE:
             raise UserError(f"SPEED: L·K = {lk} exceeds {INDEX_RANGE}, the range of the 16-bit SCM index "
                             "(speed.md §3.4); use fewer SAETs or a larger patch")
+        if self.topk_share is not None and not 0 <= self.topk_share <= 1:
+            raise UserError(f"SPEED: topk_share must lie in [0, 1], got {self.topk_share}")
         if min(self.ipc, self.n_per_class, self.num_saet, self.depth, self.batch_syn, self.syn_steps,
                self.max_start_epoch) < 1:
             raise UserError(f"SPEED: every count in the configuration must be >= 1 ({self})")
@@ -285,7 +290,8 @@ def check_budget(cfg: SpeedConfig, num_classes: int, channels: int) -> float:
 
 def derive_config(dataset: str, ipc: int, num_classes: int, channels: int, resolution: int, *, patch: int,
                   num_saet: int, dim: int, depth: int, heads: int, top_k: int, l1_weight: float, batch_syn: int,
-                  syn_steps: int, max_start_epoch: int, model: str | None = None) -> SpeedConfig:
+                  syn_steps: int, max_start_epoch: int, model: str | None = None,
+                  topk_share: float | None = None) -> SpeedConfig:
     """A configuration for settings without a published row: the LARGEST n_per_class whose storage fits the
     budget (speed.md §3.4; the published rows sit at 97-99.9 % of it, and this rule reproduces their N/c).
 
@@ -309,53 +315,78 @@ def derive_config(dataset: str, ipc: int, num_classes: int, channels: int, resol
                         f"class: SAET + FReeNet alone take {fixed:,} and one image per class {per_class:,.0f} "
                         "(speed.md §3.4); use a smaller D, T, K or top_k")
     return SpeedConfig(dataset, ipc, model, resolution, patch, n, num_saet, top_k, l1_weight, batch_syn, syn_steps,
-                       max_start_epoch, dim, depth, heads)
+                       max_start_epoch, dim, depth, heads, topk_share)
 
 
-def _derived_like_cifar10(dataset: str, ipc: int, channels: int, resolution: int, patch: int) -> SpeedConfig:
-    """Datasets without a published row: the CIFAR10 row of the same IPC for K, D, T, h, k (capped at L·K), l1,
-    batch_syn, syn_steps and max_start_epoch; n_per_class from the budget (derive_config)."""
-    ref = SPEED_PRESETS[("CIFAR10", ipc)]
+# ------------------------------------------------------------------ derived defaults (no published row)
+# Datasets the paper never ran get their configuration from ONE rule (docs/SPEED_MTT.md, "Derived defaults"),
+# applied to the published row nearest in geometry, never to a dataset name:
+# - reference row: the published family of the nearest resolution (REFERENCE_FAMILY), at the largest published IPC
+#   not above the requested one (the smallest otherwise);
+# - patch: the divisor of R nearest to the reference patch scaled by R / R_ref (the code grid L stays ~ the same);
+# - width D: the reference D times sqrt(rho), rounded to a multiple of h, where rho = channels·R² / (3·R_ref²) is
+#   the per-image budget relative to the reference (FReeNet's cost grows with D², so it keeps its share of it);
+# - K, T, h as the reference; k keeps the reference's KEPT FRACTION k / (L·K) of the codes per head;
+# - n_per_class: the largest that fits the budget (derive_config, as the published rows do);
+# - l1, batch_syn, syn_steps, max_start_epoch and every learning rate: the reference's; the model by resolution;
+# - topk_share: the last DERIVED_TOPK_SHARE of the iterations train through the top-k codes that are saved
+#   (published rows: None, the reference's dense training). Without it the derived one-channel rows lost to a random
+#   real subset at short schedules (docs/RESULTS.md): what is stored was never what was trained (bug 10).
+REFERENCE_FAMILY = {32: "CIFAR10", 64: "TinyImageNet", 128: "imagenette"}
+DERIVED_TOPK_SHARE = 0.5
+
+
+def _nearest_divisor(n: int, target: float) -> int:
+    """The divisor of n nearest to target (the larger on a tie)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), -d))
+
+
+def reference_row(resolution: int, ipc: int) -> SpeedConfig:
+    """The published row a derived configuration starts from: family of the nearest resolution, largest IPC <= ipc
+    (the smallest published IPC when ipc is below all of them)."""
+    res = min(REFERENCE_FAMILY, key=lambda r: (abs(r - resolution), -r))
+    family = REFERENCE_FAMILY[res]
+    ipcs = sorted(i for (d, i) in SPEED_PRESETS if d == family)
+    below = [i for i in ipcs if i <= ipc]
+    return SPEED_PRESETS[(family, below[-1] if below else ipcs[0])]
+
+
+def derive_defaults(dataset: str, ipc: int) -> SpeedConfig:
+    """The derived configuration of a (dataset, IPC) without a published row (the rule above; speed.md §3.4)."""
     spec = get_dataset_spec(dataset)
-    lk = (resolution // patch) ** 2 * ref.num_saet
-    return derive_config(dataset, ipc, spec.num_classes, channels, resolution, patch=patch, num_saet=ref.num_saet,
-                         dim=ref.dim, depth=ref.depth, heads=ref.heads, top_k=min(ref.top_k, lk),
+    if spec.resolution < 1 or spec.num_classes < 1:
+        raise UserError(f"SPEED: {spec.name} has no fixed resolution or class count; pass the code shape explicitly")
+    ref = reference_row(spec.resolution, ipc)
+    ref_channels = get_dataset_spec(ref.dataset).channels
+    patch = _nearest_divisor(spec.resolution, ref.patch * spec.resolution / ref.resolution)
+    tokens = (spec.resolution // patch) ** 2
+    rho = spec.channels * spec.resolution ** 2 / (ref_channels * ref.resolution ** 2)
+    dim = ref.heads * max(1, round(ref.dim * math.sqrt(rho) / ref.heads))
+    top_k = min(tokens * ref.num_saet, max(1, round(ref.top_k * tokens / ref.tokens_per_image)))
+    return derive_config(spec.name, ipc, spec.num_classes, spec.channels, spec.resolution, patch=patch,
+                         num_saet=ref.num_saet, dim=dim, depth=ref.depth, heads=ref.heads, top_k=top_k,
                          l1_weight=ref.l1_weight, batch_syn=ref.batch_syn, syn_steps=ref.syn_steps,
-                         max_start_epoch=ref.max_start_epoch, model=ref.model)
+                         max_start_epoch=ref.max_start_epoch, model=_MODEL_BY_RES.get(spec.resolution, ref.model),
+                         topk_share=DERIVED_TOPK_SHARE)
 
 
-# 28 px one-channel sets have a budget 3.9x smaller than CIFAR's at the same IPC, so CIFAR10's code shapes would
-# leave 2 images per class at IPC 1 (the FReeNet alone takes half the budget). They get smaller codes instead,
-# one IPC step down (K, D, T, h, k below), with patch 4 (L = 49) and the rest of the CIFAR10 row of the same IPC;
-# SVHN has CIFAR10's geometry and takes its rows unchanged. A toolkit choice, not a published configuration.
-_ONE_CHANNEL_SHAPES = {1: dict(num_saet=16, dim=16, depth=1, heads=2, top_k=24),
-                       10: dict(num_saet=64, dim=32, depth=1, heads=2, top_k=24),
-                       50: dict(num_saet=64, dim=96, depth=1, heads=3, top_k=48)}
-
-
-def _derived_one_channel(dataset: str, ipc: int) -> SpeedConfig:
-    ref = SPEED_PRESETS[("CIFAR10", ipc)]
-    spec = get_dataset_spec(dataset)
-    return derive_config(dataset, ipc, spec.num_classes, 1, 28, patch=4, **_ONE_CHANNEL_SHAPES[ipc],
-                         l1_weight=ref.l1_weight, batch_syn=ref.batch_syn, syn_steps=ref.syn_steps,
-                         max_start_epoch=ref.max_start_epoch, model=ref.model)
-
-
+# The derived defaults of the registry's datasets without a published row, at the usual IPCs (any other IPC of
+# these datasets is derived on demand by speed_preset).
 DERIVED_DEFAULTS: dict[tuple[str, int], SpeedConfig] = {
-    **{(name, ipc): _derived_one_channel(name, ipc) for name in ("FashionMNIST", "MNIST") for ipc in (1, 10, 50)},
-    **{("SVHN", ipc): _derived_like_cifar10("SVHN", ipc, 3, 32, 4) for ipc in (1, 10, 50)},
-}
+    (name, ipc): derive_defaults(name, ipc) for name in ("FashionMNIST", "MNIST", "SVHN") for ipc in (1, 10, 50)}
 
 
 def speed_preset(dataset: str, ipc: int) -> SpeedConfig:
-    """The published configuration for (dataset, IPC) (speed.md §4), or the derived default for FashionMNIST,
-    MNIST and SVHN. Dataset names go through the registry (aliases such as "tiny" work)."""
+    """The published configuration for (dataset, IPC) (speed.md §4), or, for a dataset the paper never ran, the
+    derived default (derive_defaults). Dataset names go through the registry (aliases such as "tiny" work)."""
     name = get_dataset_spec(dataset).name
     key = (name, int(ipc))
     if key in SPEED_PRESETS:
         return SPEED_PRESETS[key]
     if key in DERIVED_DEFAULTS:
         return DERIVED_DEFAULTS[key]
+    if int(ipc) >= 1 and not any(d == name for (d, _) in SPEED_PRESETS):
+        return derive_defaults(name, int(ipc))
     if key == ("TinyImageNet", 50):
         raise UserError("SPEED publishes no TinyImageNet IPC50 configuration (speed.md §4, §7 bug 2); "
                         "build one with utils.speed.derive_config and explicit settings")
@@ -387,6 +418,24 @@ def topk_prune(scm: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> torc
             keep = mag >= thr
             out[s:s + rows][keep] = part[keep]
         return out.reshape(n, h, l, kk)
+
+
+def kept_code_mass(scm: torch.Tensor, k: int, chunk_elements: int = 1 << 24) -> float:
+    """The share of the SCM's L1 mass (Σ|A|) that the k largest |value| per (image, head) hold: 1.0 when the saved
+    top-k codes are all there is, small when pruning at save time throws most of the trained codes away (bug 10).
+    An all-zero SCM counts as fully kept."""
+    with torch.no_grad():
+        n, h, l, kk = scm.shape
+        if not 1 <= k <= l * kk:
+            raise UserError(f"top_k = {k} must lie in [1, L·K = {l * kk}]")
+        flat = scm.detach().reshape(n * h, l * kk).abs()
+        rows = max(1, chunk_elements // (l * kk))
+        kept = total = 0.0
+        for s in range(0, n * h, rows):
+            part = flat[s:s + rows].double()
+            kept += float(part.topk(k, dim=-1).values.sum())
+            total += float(part.sum())
+        return kept / total if total > 0 else 1.0
 
 
 def straight_through_topk(scm: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,10 +10,11 @@
 # - networks: ConvNet-3-w32 (width 32 instead of 128) for experts, student and evaluation;
 # - experts: 1000 training images per class, 5 experts x 15 epochs (paper: all images, 100 x 50);
 # - distillation: ITERS (300) iterations, syn_steps 15, max_start_epoch 10, expert_epochs 2, lr_lr 1e-7; batch_syn
-#   32 (IPC 1) / 50 (IPC 10); SPEED keeps its preset's code shape and budget (Fashion-MNIST: the derived one-channel
+#   32 (IPC 1) / 50 (IPC 10); SPEED keeps its preset's code shape and budget (Fashion-MNIST: the derived
 #   defaults, CIFAR-10: the published rows); MTT lr_img 100 on Fashion-MNIST, its CIFAR-10 preset's 1000 in ZCA space;
-# - SPEED twice: the reference (dense codes trained, pruned to top-k when saved) and speed-tk, the non-default
-#   variant --topk-from ITERS/2 (dense first half, then training through the saved top-k codes);
+# - SPEED twice: its defaults (CIFAR-10's published rows: the reference, dense codes trained, pruned to top-k when
+#   saved; Fashion-MNIST's derived rows: the same for the first half, then --topk-share 0.5, docs/SPEED_MTT.md) and
+#   speed-tk, --topk-from ITERS/2 given explicitly (SPEED_EXTRA="--topk-share 0" gives the reference on a derived row);
 # - validation: 300 epochs of the method's protocol (x0.1 after epoch 150), 2000 test images (200 per class).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

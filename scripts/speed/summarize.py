@@ -39,7 +39,10 @@ def main(root: Path) -> None:
                 store = (f"{cfg['storage_floats'] / cfg['budget_floats']:.3f}" if "storage_floats" in cfg else "1.000")
                 lr = float(__import__("torch").load(d / "lr_final.pt", weights_only=True))
                 gap = 100 * (res["syn"]["mean"] - res["random"]["mean"])
-                print(f"| {res['dataset']} | {NAMES[m]} | {ipc} | {per_class} | {store} | {lr:.4f} | "
+                name = NAMES[m]
+                if m == "speed" and cfg.get("topk_share"):   # a derived row's default: the last share on top-k
+                    name = f"SPEED (derived default, --topk-share {cfg['topk_share']:g})"
+                print(f"| {res['dataset']} | {name} | {ipc} | {per_class} | {store} | {lr:.4f} | "
                       f"**{pct(res['syn'])}** | {pct(res['random'])} | {gap:+.2f} | {runs(res['syn'])} / "
                       f"{runs(res['random'])} |")
 
