@@ -38,6 +38,7 @@ from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize,
 from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
+from utils.digest import files_digest
 from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
@@ -682,14 +683,24 @@ def save_outputs(out: Path, syn: SyntheticSet) -> None:
 CKPT_FORMAT = "ddtoolkit-distill-ckpt-1"
 
 
-def checkpoint_dict(state: RunState, fingerprint: str) -> dict:
-    d = state_dict(state, CKPT_FORMAT, fingerprint)
+def checkpoint_dict(state: RunState, fingerprint: str, inputs: dict[str, str] | None = None) -> dict:
+    d = state_dict(state, CKPT_FORMAT, fingerprint, inputs)
     d["rng"] = capture_rng()   # nothing after initialisation draws from it today; saved so nothing new can drift
     return d
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> RunState:
-    return load_state(path, RunState, CKPT_FORMAT, fingerprint, "distill.py")
+def load_checkpoint(path: Path, fingerprint: str, inputs: dict[str, str] | None = None) -> RunState:
+    return load_state(path, RunState, CKPT_FORMAT, fingerprint, "distill.py", inputs=inputs)
+
+
+def expert_digests(folder: Path, files: list[Path]) -> dict[str, str]:
+    """The content fingerprint of the experts a run reads (utils/digest.py): size and mtime of every buffer file
+    (several GB in all: not hashed at every start) and the bytes of buffer_meta.json and zca.pt. Experts
+    regenerated in the same folder (buffer.py --overwrite) get another digest, so a checkpoint made against the
+    old ones is not continued against the new ones."""
+    extra = [folder / n for n in ("buffer_meta.json", "zca.pt") if (folder / n).is_file()]
+    digest = files_digest([*files, *extra], root=folder, by_bytes=lambda p: p.suffix == ".json" or p.name == "zca.pt")
+    return {f"the expert trajectories in {folder}": digest}
 
 
 def config_fingerprint(cfg: DistillConfig, extra: dict) -> str:
@@ -852,9 +863,10 @@ def main(
 
     out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
     fingerprint = config_fingerprint(cfg, {"experts": str(folder.resolve()), "space": space})
+    inputs = expert_digests(folder, files)
     ckpt_path = out / "ckpt.pt"
     with run_lock(out, "distill.py"):   # one writer per output folder
-        state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint), overwrite)
+        state = resume_or_start(out, lambda p: load_checkpoint(p, fingerprint, inputs), overwrite)
         log = RunLog(out / "log.csv", quiet=quiet, resume=not overwrite)
         if state is not None:   # rows logged after the checkpoint belong to iterations that run again
             log.info(f"resuming from {ckpt_path} at iteration {state.it}/{cfg.iterations}")
@@ -862,7 +874,7 @@ def main(
         else:                   # killed before its first checkpoint: the rows belong to iterations that run again
             log.rows = []
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {**asdict(cfg), "experts": str(folder), "space": space, "fingerprint": fingerprint,
+        resolved = {**asdict(cfg), "experts": str(folder), "space": space, "fingerprint": fingerprint, "inputs": inputs,
                     "num_images": num_images(cfg, spec)}
         if cfg.method == "speed":
             scfg = speed_config(cfg, spec)
@@ -902,7 +914,7 @@ def main(
                             out / "snapshots" / f"it{st.it}")
             if st.it % ckpt_every == 0 or last or stop.requested:
                 fill()
-                atomic_torch_save(checkpoint_dict(st, fingerprint), ckpt_path)
+                atomic_torch_save(checkpoint_dict(st, fingerprint, inputs), ckpt_path)
             stop.check(f"checkpoint written after iteration {st.it} ({ckpt_path})")
             if not quiet and (st.it % max(1, cfg.iterations // 50) == 0 or last):
                 h = st.history[-1]

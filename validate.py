@@ -52,6 +52,7 @@ from utils.datasets import (IMAGENET_SUBSETS, DatasetSpec, FileDataset, dataset_
                             open_split, per_class_indices, take, to_pixels)
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
+from utils.digest import changed_inputs, files_digest
 from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env_info, init_distributed
 from utils.io import atomic_write_json
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
@@ -178,6 +179,37 @@ def config_key(config: dict) -> str:
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def input_digests(syn: Path | None, synset: SyntheticSet | None, teacher: Path | None = None) -> dict[str, str]:
+    """Content fingerprints of what the runs train on, by description: the synthetic set's files (bytes of
+    synset.pt / meta.json / zca.pt, size and mtime of ImageFolder images) and the KD teacher file's bytes. They are
+    kept apart from the configuration key so that a refusal can say which input changed."""
+    inputs = {}
+    digest = synset.content_digest() if synset is not None else None
+    if digest is not None:
+        inputs[f"the synthetic set {syn}"] = digest
+    if teacher is not None:
+        inputs[f"the teacher {teacher}"] = files_digest([teacher])
+    return inputs
+
+
+def open_results_log(csv_path: Path, key: str, inputs: dict[str, str], quiet: bool, overwrite: bool) -> RunLog:
+    """The results CSV, its finished runs read back unless `overwrite`: every row carries the configuration key
+    and the input fingerprints, and rows of another configuration or recorded on other input contents (a set
+    replaced at the same path) are refused, never mixed in or re-reported."""
+    log = RunLog(csv_path, quiet=quiet, constant={"inputs": json.dumps(inputs, sort_keys=True), "config": key},
+                 resume=not overwrite)
+    if any(r.get("config") != key for r in log.rows):
+        raise UserError(f"{csv_path} holds runs of another configuration; pass --overwrite or choose another "
+                        "--results")
+    for r in log.rows:
+        changed = changed_inputs(json.loads(r["inputs"]) if r.get("inputs") else None, inputs,
+                                 "its runs were recorded")
+        if changed:
+            raise UserError(f"{csv_path}: {changed}; pass --overwrite to discard those runs or choose another "
+                            "--results")
+    return log
+
+
 def summarize(accs: list[float], seeds: list[int]) -> dict:
     return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "runs": [float(a) for a in accs],
             "seeds": seeds}
@@ -238,8 +270,9 @@ class RunCheckpoints:
 
     def __init__(self, path: Path, fingerprint: str, every: int, stop: StopRequest | None = None,
                  log: RunLog | None = None, dist_info: DistInfo = DistInfo(),
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), inputs: dict[str, str] | None = None):
         self.path, self.fingerprint, self.every, self.stop = Path(path), fingerprint, every, stop
+        self.inputs = dict(inputs or {})   # content fingerprints of what the runs train on (input_digests)
         self.log = log or RunLog(None, quiet=True)
         self.dist_info, self.device = dist_info, device
         self.pending: RunState | None = None
@@ -251,7 +284,8 @@ class RunCheckpoints:
             return
         if not self.path.is_file():
             return
-        self.pending = load_state(self.path, RunState, CKPT_FORMAT, self.fingerprint, "validate.py", "--results")
+        self.pending = load_state(self.path, RunState, CKPT_FORMAT, self.fingerprint, "validate.py", "--results",
+                                  inputs=self.inputs)
 
     def resume(self, model: str, arm: str, seed: int, net: torch.nn.Module, gen: torch.Generator
                ) -> tuple[TrainResume | None, float]:
@@ -293,7 +327,7 @@ class RunCheckpoints:
                                      net={k: v.detach().cpu() for k, v in net.state_dict().items()},
                                      opt=opt.state_dict(), generator=gen.get_state(), rng=capture_rng(),
                                      seconds=time.time() - t0)
-                    save_state(state, self.path, CKPT_FORMAT, self.fingerprint)
+                    save_state(state, self.path, CKPT_FORMAT, self.fingerprint, self.inputs)
             if stop:
                 raise self._stopped(f"checkpoint written after epoch {done}/{epochs} of {model} {arm} seed {seed} "
                                     f"({self.path})")
@@ -518,7 +552,7 @@ def first_ipc_of_imagefolder(syn: SyntheticSet, ipc: int) -> SyntheticSet:
     images, labels = syn.tensors["images"], syn.labels
     idx = first_per_class(labels, ipc, str(syn.meta.get("source", "the set")))
     return SyntheticSet({"images": images[idx]}, labels[idx], {**syn.meta, "ipc": ipc}, syn.lr, None,
-                        syn.zca_state)
+                        syn.zca_state, files=syn.files)
 
 
 def check_teacher_fits(teacher: Teacher, spec: DatasetSpec, source: str) -> None:
@@ -995,15 +1029,13 @@ def main(
     # Per-run resume: every finished run is a CSV row tagged with a fingerprint of this configuration; the same
     # command again skips those runs. A CSV of another configuration is never mixed in.
     key = config_key(config)
-    log = RunLog(results.with_suffix(".csv"), quiet=quiet, constant={"config": key}, resume=not overwrite)
-    if any(r.get("config") != key for r in log.rows):
-        raise UserError(f"{results.with_suffix('.csv')} holds runs of another configuration; "
-                        "pass --overwrite or choose another --results")
+    inputs = input_digests(syn, synset)
+    log = open_results_log(results.with_suffix(".csv"), key, inputs, quiet, overwrite)
     arms = (["syn"] if synset is not None else []) + list(baseline)
     log.info(f"validate: {spec.name} ({spec.num_classes} classes, {spec.resolution}px), arms {arms}, models "
              f"{models}, {runs} runs, {recipe.epochs} epochs (full: {full_epochs}), lr {recipe.lr:g}, batch "
              f"{recipe.batch_size}, CutMix p {recipe.mix_p:g}, preset {preset or 'none'}, device {dev}")
-    ckpt = RunCheckpoints(ckpt_path_for(results), key, ckpt_every, log=log, device=dev)
+    ckpt = RunCheckpoints(ckpt_path_for(results), key, ckpt_every, log=log, device=dev, inputs=inputs)
     ckpt.open(overwrite)
     t0 = time.time()
     with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint the run in flight after its epoch, exit 143
@@ -1013,7 +1045,7 @@ def main(
                             space=space, zca_state=zca_state, workers=workers,
                             herding_model=config["herding_model"], herding_epochs=herding_epochs, ckpt=ckpt)
     ckpt.finished()  # one left by a run that was recorded just before an earlier kill
-    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
+    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None, "inputs": inputs,
               "space": "zca" if zca_state is not None else "normalized",
               "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
               **by_model[base_model], "by_model": by_model, "config": config,
@@ -1207,21 +1239,19 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
     key = config_key(config)
+    inputs = input_digests(syn, synset, c["teacher"])
     # every rank reads the finished runs (so all skip the same ones); only rank 0 writes
-    log = RunLog(results.with_suffix(".csv"), quiet=c["quiet"] or not info.is_main, constant={"config": key},
-                 resume=not c["overwrite"])
+    log = open_results_log(results.with_suffix(".csv"), key, inputs, c["quiet"] or not info.is_main, c["overwrite"])
     if not info.is_main:
         log.csv_path = None
-    if any(r.get("config") != key for r in log.rows):
-        raise UserError(f"{results.with_suffix('.csv')} holds runs of another configuration; "
-                        "pass --overwrite or choose another --results")
     r0 = recipes[base_model]
     log.info(f"validate (KD): {spec.name} ({spec.num_classes} classes, {spec.resolution}px), student(s) {models}, "
              f"teacher {arch} ({'stored labels' if stored is not None else 'online'}), {c['runs']} runs, "
              f"{r0.epochs} epochs, {r0.optimizer} lr {r0.lr:g}, batch {r0.batch_size}, T {r0.temperature:g}"
              f"{' ×T²' if r0.t_squared else ''}, mix {r0.mix}, crop {r0.crop}, teacher BN {r0.teacher_bn_mode}, "
              f"preset {preset or 'none'}, device {dev}, ranks {info.world_size}")
-    ckpt = RunCheckpoints(ckpt_path_for(results), key, c["ckpt_every"], log=log, dist_info=info, device=dev)
+    ckpt = RunCheckpoints(ckpt_path_for(results), key, c["ckpt_every"], log=log, dist_info=info, device=dev,
+                          inputs=inputs)
     ckpt.open(c["overwrite"])
     t0 = time.time()
     with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint the run in flight after its epoch, exit 143
@@ -1238,7 +1268,7 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
     if not info.is_main:
         return
     diversity = by_model.pop("_diversity", None)
-    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None,
+    report = {"dataset": spec.name, "model": base_model, "syn_path": str(syn) if syn else None, "inputs": inputs,
               "space": "teacher-normalized", "protocol": "kd",
               "test_images": len(test[1]) if isinstance(test, tuple) else len(test),
               "seconds": round(time.time() - t0, 1), **by_model[base_model], "by_model": by_model,

@@ -17,6 +17,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from utils.digest import changed_inputs
 from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
 
@@ -28,26 +29,43 @@ def settings_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def state_dict(state: Any, fmt: str, fingerprint: str) -> dict:
-    """The checkpoint dict of a dataclass instance: its fields plus `format` and `fingerprint`."""
+def state_dict(state: Any, fmt: str, fingerprint: str, inputs: dict[str, str] | None = None) -> dict:
+    """The checkpoint dict of a dataclass instance: its fields plus `format`, `fingerprint` and, when given, the
+    content fingerprints of the files the run reads (`inputs`, utils/digest.py)."""
     d = {f.name: getattr(state, f.name) for f in fields(state)}
     d.update(format=fmt, fingerprint=fingerprint)
+    if inputs is not None:
+        d["inputs"] = dict(inputs)
     return d
 
 
-def save_state(state: Any, path: str | Path, fmt: str, fingerprint: str) -> None:
-    atomic_torch_save(state_dict(state, fmt, fingerprint), path)
+def save_state(state: Any, path: str | Path, fmt: str, fingerprint: str,
+               inputs: dict[str, str] | None = None) -> None:
+    atomic_torch_save(state_dict(state, fmt, fingerprint, inputs), path)
 
 
-def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage: str, out_flag: str = "--out") -> T:
-    """Read a checkpoint written by `save_state` for `cls`; one-line errors for another stage or other settings
-    (`out_flag`: the stage's flag that names where the checkpoint lives, for the message)."""
+def check_inputs(d: dict, path: str | Path, inputs: dict[str, str] | None, out_flag: str) -> None:
+    """Refuse a checkpoint recorded against other contents of the run's input files (same paths, new files)."""
+    if inputs is None:
+        return
+    changed = changed_inputs(d.get("inputs"), inputs, "this checkpoint was written")
+    if changed:
+        raise UserError(f"{path} cannot be continued: {changed}; pass --overwrite to start afresh or use another "
+                        f"{out_flag}")
+
+
+def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage: str, out_flag: str = "--out",
+               inputs: dict[str, str] | None = None) -> T:
+    """Read a checkpoint written by `save_state` for `cls`; one-line errors for another stage, other settings or
+    (with `inputs`) input files whose content changed since (`out_flag`: the stage's flag that names where the
+    checkpoint lives, for the message)."""
     d = safe_torch_load(path, f"{stage} checkpoint")
     if not isinstance(d, dict) or d.get("format") != fmt:
         raise UserError(f"{path} is not a {stage} checkpoint; move it away or choose another {out_flag}")
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         f"another {out_flag}")
+    check_inputs(d, path, inputs, out_flag)
     try:   # fields added later have defaults, so an older checkpoint of the same format still loads
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
     except TypeError as e:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from utils.digest import files_digest, tensor_checksum
 from utils.errors import UserError
 from utils.io import atomic_torch_save
 
@@ -482,10 +483,14 @@ def per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, se
     return torch.cat(picked)
 
 
-def _cache_key(spec: DatasetSpec, root: Path, split: str, resolution: int) -> str:
-    st = root.stat()
-    raw = f"{spec.name}|{root.resolve()}|{split}|{resolution}|{st.st_mtime_ns}|v1"
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+def _cache_key(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, resolution: int) -> str:
+    """What a decoded split depends on: the dataset's decoding settings and every source file (its name, size and
+    modification time; the archive's for a tar tree). An image edited in place or swapped for another file moves
+    the key; the root folder's own mtime, the previous key, did not see either."""
+    sources = [raw.archive] if raw.archive is not None else raw.files
+    raw_key = (f"{spec.name}|{root.resolve()}|{split}|{resolution}|{spec.channels}|{spec.resize}|"
+               f"{'/'.join(raw.class_names)}|{files_digest(sources, by_bytes=False)}|v2")
+    return hashlib.sha1(raw_key.encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -599,20 +604,36 @@ def load_split(name: str, data_path: str | Path, split: str = "train", per_class
     return data, spec
 
 
+CACHE_FORMAT = "ddtoolkit-decoded-split"
+
+
+def _cache_entry_ok(entry: object, n: int, channels: int, res: int) -> bool:
+    """A cache entry is used only when it is whole: our format, uint8 images of the expected shape, and the
+    checksum written with them (a tampered or bit-rotten entry of the right length is rebuilt, never trusted)."""
+    if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+        return False
+    images = entry.get("images")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        return False
+    if images.shape[:2] != (n, channels) or images.shape[2] != images.shape[3] or (res and images.shape[2] != res):
+        return False
+    return entry.get("checksum") == tensor_checksum(images)
+
+
 def _cached_decode(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, res: int, cache_dir: Path | None,
                    progress: bool) -> torch.Tensor:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{spec.name}-{split}-{_cache_key(spec, root, split, res)}.pt"
+    path = cache / f"{spec.name}-{split}-{_cache_key(spec, raw, root, split, res)}.pt"
     if path.is_file():
         try:
-            images = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(images, torch.Tensor) and len(images) == len(raw.files):
-                return images
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if _cache_entry_ok(entry, len(raw.files), spec.channels, res):
+                return entry["images"]
         except Exception:  # a stale or broken cache entry is rebuilt, never trusted
             pass
     images = decode_files(raw, list(range(len(raw.files))), spec.channels, res, spec.resize, progress)
     try:
-        atomic_torch_save(images, path)
+        atomic_torch_save({"format": CACHE_FORMAT, "images": images, "checksum": tensor_checksum(images)}, path)
     except OSError:
         pass  # a read-only home is no reason to fail the run
     return images

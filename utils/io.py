@@ -3,8 +3,9 @@
 Every artefact is written to a temporary file in the destination folder and renamed into place, so a
 killed job never leaves a half-written file under the final name. Temp files and folders get the mode a plain
 `open` / `mkdir` would give (0666 / 0777 less the umask), not mkstemp's 0600 / mkdtemp's 0700: the result keeps
-its temp file's mode, and colleagues reading a shared results folder must be able to open it. Every `torch.load` goes through
-`safe_torch_load`, which uses `weights_only=True`: a file carrying pickled code is refused, not run.
+its temp file's mode, and colleagues reading a shared results folder must be able to open it.
+Every `torch.load` goes through `safe_torch_load`, which uses `weights_only=True`: a file carrying pickled code is
+refused, not run.
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec
+from utils.digest import files_digest
 from utils.errors import UserError
 from utils.io import make_temp_dir, safe_torch_load
 
@@ -69,6 +70,7 @@ class SyntheticSet:
     lr: torch.Tensor | None = None
     soft_labels: torch.Tensor | None = None
     zca_state: dict | None = field(default=None, repr=False)
+    files: tuple[Path, ...] = field(default=(), repr=False)   # what load_synset read, for `content_digest`
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +79,14 @@ class SyntheticSet:
     @property
     def space(self) -> str:
         return self.meta["space"]
+
+    def content_digest(self) -> str | None:
+        """A fingerprint of the files this set was read from (None for a set built in memory): the bytes of
+        synset.pt, meta.json, zca.pt and legacy tensor files, the size and modification time of image files
+        (utils/digest.py). A set replaced at the same path gets another digest."""
+        if not self.files:
+            return None
+        return files_digest(self.files, by_bytes=lambda p: p.suffix.lower() not in IMAGE_SUFFIXES)
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Training images (in the set's value space) and their labels."""
@@ -275,8 +285,9 @@ def _load_native(p: Path) -> SyntheticSet:
         raise UserError(f"{p / 'synset.pt'} is not a ddtoolkit synthetic set")
     meta = _read_meta(p)
     zca_state = safe_torch_load(p / "zca.pt", "ZCA state") if meta.get("space") == "zca" else None
+    files = [p / "synset.pt", p / "meta.json"] + ([p / "zca.pt"] if zca_state is not None else [])
     return SyntheticSet(payload["tensors"], payload["labels"], meta, payload.get("lr"),
-                        payload.get("soft_labels"), zca_state)
+                        payload.get("soft_labels"), zca_state, files=tuple(f.absolute() for f in files))
 
 
 def _read_meta(p: Path) -> dict:
@@ -302,7 +313,7 @@ def _from_recorded_imagefolder(p: Path, meta: dict, dataset: str | None) -> Synt
     counts = torch.bincount(syn.labels, minlength=syn.num_classes)
     recorded = {**syn.meta, **meta, "space": "pixel", "decoder": "pixels", "decoder_args": {},
                 "ipc": int(counts.max()), "ipc_min": int(counts.min())}
-    return SyntheticSet(syn.tensors, syn.labels, recorded)
+    return SyntheticSet(syn.tensors, syn.labels, recorded, files=((p / "meta.json").absolute(), *syn.files))
 
 
 def _legacy_meta(spec: DatasetSpec, labels: torch.Tensor, space: str, method: str, images: torch.Tensor,
@@ -343,8 +354,10 @@ def _from_mtt_dir(d: Path, spec: DatasetSpec, space: str | None, zca_state: dict
     _check_shapes(images, labels, spec, images_file)
     meta = _legacy_meta(spec, labels, space, "mtt-legacy", images, images_file,
                         zca_eps=0.1 if space == "zca" else None)
+    files = [f.absolute() for f in (images_file, labels_file, lr_file) if f.is_file()]
     return SyntheticSet({"images": images.float()}, labels, meta,
-                        None if lr is None else torch.as_tensor(lr).float().reshape(()), None, zca_state)
+                        None if lr is None else torch.as_tensor(lr).float().reshape(()), None, zca_state,
+                        files=tuple(files))
 
 
 def _from_idc(obj, spec: DatasetSpec, source: Path, factor: int | None) -> SyntheticSet:
@@ -357,7 +370,7 @@ def _from_idc(obj, spec: DatasetSpec, source: Path, factor: int | None) -> Synth
     decoder = "pixels" if factor == 1 else "multiformation"
     meta = _legacy_meta(spec, labels, "pixel", "idc-legacy", images, source, decoder=decoder,
                         decoder_args={"factor": factor} if factor > 1 else {})
-    return SyntheticSet({"images": images}, labels, meta)
+    return SyntheticSet({"images": images}, labels, meta, files=(Path(source).absolute(),))
 
 
 def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
@@ -366,7 +379,7 @@ def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
     if spec.num_classes and len(classes) != spec.num_classes:
         raise UserError(f"{d} has {len(classes)} class folders but {spec.name} has {spec.num_classes} classes")
     res = spec.resolution
-    images, labels = [], []
+    images, labels, read = [], [], []
     for y, c in enumerate(classes):
         files = sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -383,10 +396,11 @@ def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             images.append(torch.from_numpy(arr.copy()))
             labels.append(y)
+            read.append(f.absolute())
     x = torch.stack(images).float() / 255
     lab = torch.tensor(labels)
     meta = _legacy_meta(spec, lab, "pixel", "imagefolder", x, d)
-    return SyntheticSet({"images": x}, lab, meta)
+    return SyntheticSet({"images": x}, lab, meta, files=tuple(read))
 
 
 def _check_shapes(images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec, source: Path) -> None:
