@@ -45,7 +45,8 @@ import torchvision.transforms.functional as TF
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from utils.datasets import FileSplit, Split, default_cache_dir, iter_file_bytes, per_class_indices, read_split
+from utils.datasets import (FileSplit, Split, default_cache_dir, iter_file_bytes, per_class_indices, read_cache_entry,
+                            read_split, source_digest, write_cache_entry)
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
@@ -215,13 +216,13 @@ def _decode_chunk(images: TrainImages, chunk: list, resolution: int, resize: str
 
 def _pixel_cache_path(images: TrainImages, resolution: int, resize: str, cache_dir: Path | None) -> Path | None:
     """Where the preprocessed uint8 pixels of a file dataset's whole training split are kept: keyed by dataset,
-    data folder (path and modification time, as utils.datasets' decoded cache), image count, R and the resize
-    rule. None for in-memory datasets, which have nothing to decode."""
+    data folder, every source file (name, size, mtime: utils.datasets.source_digest, as the decoded cache), image
+    count, R and the resize rule. None for in-memory datasets, which have nothing to decode."""
     if not isinstance(images.raw, FileSplit) or images.root is None:
         return None
     root = images.root
     key = (f"{images.dataset}|{root.resolve()}|train|{len(images.raw.files)}|{resolution}|{resize}|"
-           f"{root.stat().st_mtime_ns}|rank-v1")
+           f"{source_digest(images.raw)}|rank-v2")
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     return folder / f"{images.dataset}-rank-{resize}{resolution}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
@@ -230,14 +231,9 @@ def load_pixel_cache(images: TrainImages, resolution: int, resize: str,
                      cache_dir: Path | None = None) -> torch.Tensor | None:
     """The cached pixels [len(raw), C, R, R] (in the split's raw order) when a valid entry exists, else None."""
     path = _pixel_cache_path(images, resolution, resize, cache_dir)
-    if path is None or not path.is_file():
+    if path is None:
         return None
-    try:
-        px = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a stale or broken entry is rebuilt, never trusted
-        return None
-    want = (len(images.raw.files), images.channels, resolution, resolution)
-    return px if isinstance(px, torch.Tensor) and px.dtype == torch.uint8 and tuple(px.shape) == want else None
+    return read_cache_entry(path, len(images.raw.files), images.channels, resolution)
 
 
 def decode_all(images: TrainImages, resolution: int, resize: str, workers: int = 0, batch_size: int = 256,
@@ -274,10 +270,7 @@ def cached_pixels(images: TrainImages, resolution: int, resize: str, *, workers:
     if len(images.raw.files) * images.channels * resolution ** 2 > max_gb * 2 ** 30:
         return None
     px = decode_all(images, resolution, resize, workers, batch_size, show_progress)
-    try:
-        atomic_torch_save(px, path)
-    except OSError:
-        pass  # a read-only cache folder is no reason to fail the run
+    write_cache_entry(px, path)
     return px
 
 

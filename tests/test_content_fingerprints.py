@@ -198,3 +198,26 @@ def test_a_tampered_cache_entry_of_the_right_length_is_rebuilt_not_used(tmp_path
         torch.save(wrong_shape, entry)
     assert torch.equal(load_split("ImageFolder", data, "train", cache_dir=cache, progress=False)[0].images,
                        first.images)
+
+
+def test_rank_select_pixel_cache_sees_an_edited_image_and_rebuilds_a_tampered_entry(tmp_path):
+    """rank_select.py's cache of preprocessed pixels follows the same rules as the dataset cache."""
+    import rank_select
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    _bmp_tree(data)
+    images = rank_select.list_train_images("ImageFolder", data)
+    first = rank_select.cached_pixels(images, 8, "square", cache_dir=cache)
+    edited = data / "train" / "b" / "1.bmp"
+    Image.fromarray(np.full((8, 8, 3), 7, dtype=np.uint8)).save(edited)
+    _later(edited)
+    again = rank_select.cached_pixels(images, 8, "square", cache_dir=cache)
+    assert torch.equal(again[4], torch.full((3, 8, 8), 7, dtype=torch.uint8))
+    assert torch.equal(again[:4], first[:4])
+    for entry in cache.glob("*.pt"):                      # every entry: same shape, zeros
+        stored = torch.load(entry, weights_only=True)
+        if isinstance(stored, torch.Tensor):
+            torch.save(torch.zeros_like(stored), entry)
+        else:
+            stored["images"] = torch.zeros_like(stored["images"])
+            torch.save(stored, entry)
+    assert torch.equal(rank_select.cached_pixels(images, 8, "square", cache_dir=cache), again)

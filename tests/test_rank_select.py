@@ -255,7 +255,9 @@ def test_second_ranking_reads_the_decoded_cache_and_decodes_nothing(setup, tmp_p
     r = cli(*common, "--out", tmp_path / "a")
     assert r.exit_code == 0, r.output
     (entry,) = (tmp_path / "cache").glob("ImageFolder-rank-delt16-*.pt")
-    px = torch.load(entry, weights_only=True)
+    stored = torch.load(entry, weights_only=True)   # utils.datasets' cache entry: images and their checksum
+    px = stored["images"]
+    assert stored["format"] == "ddtoolkit-decoded-split" and len(stored["checksum"]) == 40
     assert px.dtype == torch.uint8 and px.shape == (15, 3, 16, 16)
 
     def no_decoding(*a, **k):

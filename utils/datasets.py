@@ -483,13 +483,16 @@ def per_class_indices(labels: torch.Tensor, num_classes: int, per_class: int, se
     return torch.cat(picked)
 
 
+def source_digest(raw: FileSplit) -> str:
+    """Every source file of a file split by name, size and modification time (the archive's, for a tar tree):
+    what a cache of its decoded images is keyed on. An image edited in place or swapped for another file moves it;
+    the root folder's own mtime, the previous key, saw neither."""
+    return files_digest([raw.archive] if raw.archive is not None else raw.files, by_bytes=False)
+
+
 def _cache_key(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, resolution: int) -> str:
-    """What a decoded split depends on: the dataset's decoding settings and every source file (its name, size and
-    modification time; the archive's for a tar tree). An image edited in place or swapped for another file moves
-    the key; the root folder's own mtime, the previous key, did not see either."""
-    sources = [raw.archive] if raw.archive is not None else raw.files
     raw_key = (f"{spec.name}|{root.resolve()}|{split}|{resolution}|{spec.channels}|{spec.resize}|"
-               f"{'/'.join(raw.class_names)}|{files_digest(sources, by_bytes=False)}|v2")
+               f"{'/'.join(raw.class_names)}|{source_digest(raw)}|v2")
     return hashlib.sha1(raw_key.encode()).hexdigest()[:16]
 
 
@@ -607,35 +610,42 @@ def load_split(name: str, data_path: str | Path, split: str = "train", per_class
 CACHE_FORMAT = "ddtoolkit-decoded-split"
 
 
-def _cache_entry_ok(entry: object, n: int, channels: int, res: int) -> bool:
-    """A cache entry is used only when it is whole: our format, uint8 images of the expected shape, and the
-    checksum written with them (a tampered or bit-rotten entry of the right length is rebuilt, never trusted)."""
+def read_cache_entry(path: Path, n: int, channels: int, res: int) -> torch.Tensor | None:
+    """The uint8 images [n, channels, res, res] of a cache entry (res 0: any square size), or None. An entry is
+    used only when it is whole: our format, the expected dtype and shape, and the checksum written with it (a
+    tampered or bit-rotten entry of the right length is rebuilt, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a stale or broken cache entry is rebuilt, never trusted
+        return None
     if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
-        return False
+        return None
     images = entry.get("images")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        return False
+        return None
     if images.shape[:2] != (n, channels) or images.shape[2] != images.shape[3] or (res and images.shape[2] != res):
-        return False
-    return entry.get("checksum") == tensor_checksum(images)
+        return None
+    return images if entry.get("checksum") == tensor_checksum(images) else None
+
+
+def write_cache_entry(images: torch.Tensor, path: Path) -> None:
+    """Store decoded images with their checksum (atomically); a read-only cache folder is no reason to fail."""
+    try:
+        atomic_torch_save({"format": CACHE_FORMAT, "images": images, "checksum": tensor_checksum(images)}, path)
+    except OSError:
+        pass
 
 
 def _cached_decode(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, res: int, cache_dir: Path | None,
                    progress: bool) -> torch.Tensor:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{spec.name}-{split}-{_cache_key(spec, raw, root, split, res)}.pt"
-    if path.is_file():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if _cache_entry_ok(entry, len(raw.files), spec.channels, res):
-                return entry["images"]
-        except Exception:  # a stale or broken cache entry is rebuilt, never trusted
-            pass
-    images = decode_files(raw, list(range(len(raw.files))), spec.channels, res, spec.resize, progress)
-    try:
-        atomic_torch_save({"format": CACHE_FORMAT, "images": images, "checksum": tensor_checksum(images)}, path)
-    except OSError:
-        pass  # a read-only home is no reason to fail the run
+    images = read_cache_entry(path, len(raw.files), spec.channels, res)
+    if images is None:
+        images = decode_files(raw, list(range(len(raw.files))), spec.channels, res, spec.resize, progress)
+        write_cache_entry(images, path)
     return images
 
 
