@@ -1,0 +1,184 @@
+"""Parity of trajectory matching (distill.py: MTT and SPEED) with the originals, one outer iteration from identical
+state. Registered in bench/parity.py as `--method mtt` and `--method speed`; docs/PARITY.md says what each line
+compares.
+
+Shared state, drawn here and handed to both sides: the synthetic images (MTT) or SPEED's SAET / SCM / FReeNet
+weights (our own initialisation), the learned lr, one expert trajectory [theta_0, theta*] (a fresh ConvNet and a
+perturbed copy), and the permutations that order the synthetic minibatches. Augmentation is off on both sides.
+
+Ours runs through distill.py's own functions: one iteration of `distill.distill` (expert stream over a one-expert
+buffer file, plan_unroll, the unroll, the outer optimisers and SPEED's lr clamp), then `plan_unroll` +
+`unrolled_loss` / `checkpointed_loss` again from the same generator state for the gradients of the loss. The
+original runs the statements of its own distill.py loop body (bench/original_side/tm.py) with its own ConvNet,
+ReparamModule and FReeNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from original_runner import run_original
+from parity_common import ParityLine, compare
+
+ADAPTER = "bench/original_side/tm.py"
+
+
+@dataclass(frozen=True)
+class TMCase:
+    """The shapes of one parity run (small: the comparison is of the computation, not of the scale)."""
+    dataset: str = "CIFAR10"     # 3 channels, 32 px, 10 classes: the originals' FReeNet decodes 3 channels
+    model: str = "ConvNet"       # the originals' default student (width 128, depth 3, instance norm)
+    syn_steps: int = 4
+    target_noise: float = 0.01   # theta* = theta_0 + this * N(0, 1), per tensor
+    # MTT
+    ipc: int = 2
+    # SPEED
+    n_per_class: int = 3
+    batch_syn: int = 8           # < N = 30: chunks 8, 8, 8, 6 popped from the end, then a fresh permutation
+    num_saet: int = 8
+    dim: int = 16
+    depth: int = 2
+    heads: int = 2
+    patch: int = 4
+    top_k: int = 20
+    l1_weight: float = 3e-6
+
+
+def _spec(case: TMCase):
+    from utils.datasets import get_dataset_spec
+    return get_dataset_spec(case.dataset)
+
+
+def mtt_config(case: TMCase):
+    """Our MTT settings (distill.MTT_COMMON: plain-SGD inner step, no lr floor, outer momentum 0.5, whole set per
+    step) at the parity shapes; one expert epoch and one start epoch so both sides read [theta_0, theta*]."""
+    from distill import MTT_COMMON, DistillConfig
+    return replace(DistillConfig(), **{**MTT_COMMON, "iterations": 1}, method="mtt", dataset=case.dataset,
+                   ipc=case.ipc, model=case.model, syn_steps=case.syn_steps, expert_epochs=1, max_start_epoch=1, dsa=False,
+                   lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01)
+
+
+def speed_config(case: TMCase):
+    """Our SPEED defaults (EMA inner step 0.9, outer momentum 0.95, lrs 10 / 100 / 0.01 / 1e-5, lr floor 0.001,
+    dense SCM training, L1 by subgradient, no inner standardisation) at the parity shapes."""
+    from distill import DistillConfig
+    return replace(DistillConfig(), method="speed", dataset=case.dataset, ipc=1, model=case.model,
+                   syn_steps=case.syn_steps, expert_epochs=1, max_start_epoch=1, iterations=1, dsa=False,
+                   batch_syn=case.batch_syn, n_per_class=case.n_per_class, num_saet=case.num_saet, dim=case.dim,
+                   depth=case.depth, heads=case.heads, patch=case.patch, top_k=case.top_k,
+                   l1_weight=case.l1_weight)
+
+
+def shared_expert(cfg, spec, gen: torch.Generator) -> tuple[list, list]:
+    """[theta_0, theta*] as lists of parameter tensors in our ConvNet's `parameters()` order (MTT's snapshot
+    layout): a fresh network, and a copy moved by target_noise * N(0, 1)."""
+    from networks import get_network
+    net = get_network(cfg.model, spec.channels, spec.num_classes, spec.resolution)
+    start = [p.detach().clone() for p in net.parameters()]
+    target = [p + TMCase.target_noise * torch.randn(p.shape, generator=gen) for p in start]
+    return start, target
+
+
+@contextlib.contextmanager
+def _recording_batch_generator():
+    """Wrap distill.unroll_batches to record the generator state it draws the synthetic batches from, so the same
+    permutations can be drawn again (for the original and for our gradient-only pass)."""
+    import distill
+    real = distill.unroll_batches
+    seen: list = []
+
+    def recording(n, batch, steps, gen):
+        seen.append(gen.get_state())
+        return real(n, batch, steps, gen)
+
+    distill.unroll_batches = recording
+    try:
+        yield seen
+    finally:
+        distill.unroll_batches = real
+
+
+def permutations(state: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
+    """The first `count` permutations of n a generator in `state` draws (unroll_batches draws nothing else)."""
+    g = torch.Generator()
+    g.set_state(state)
+    return [torch.randperm(n, generator=g) for _ in range(count)]
+
+
+def run_ours(cfg, spec, make_params, start: list, target: list, seed: int) -> dict:
+    """One outer iteration of distill.distill (updated tensors), then the loss and its gradients from the same
+    batches through unrolled_loss and checkpointed_loss. `make_params()` builds the parameterisation in the shared
+    initial state."""
+    import distill as D
+    from utils.misc import RunLog
+    from utils.trajectory import ExpertStream, flatten_snapshot, save_buffer_file
+
+    n = D.num_images(cfg, spec)
+    gen = torch.Generator().manual_seed(seed)
+    params = make_params()
+    with tempfile.TemporaryDirectory(prefix="ddt-parity-tm-") as tmp:
+        buf = Path(tmp) / "replay_buffer_0.pt"
+        save_buffer_file([[start, target]], buf)
+        stream = ExpertStream([buf], gen)
+        with _recording_batch_generator() as seen:
+            state = D.distill(cfg, spec, params, stream, gen, "cpu", RunLog(None, quiet=True), D.RunState())
+    if len(seen) != 1:
+        raise RuntimeError(f"expected one unroll in one outer iteration, saw {len(seen)}")
+    out = {"updated": params, "updated_lr": state.alpha, "batch_state": seen[0], "n": n,
+           "history": state.history[-1]}
+
+    student = D.make_student(cfg, spec)
+    labels = torch.arange(spec.num_classes).repeat_interleave(n // spec.num_classes)
+    for name, loss_fn in (("unrolled", D.unrolled_loss), ("checkpointed", D.checkpointed_loss)):
+        g = torch.Generator()
+        g.set_state(seen[0])
+        u, used = D.plan_unroll(student, flatten_snapshot(start), flatten_snapshot(target), labels, n, cfg, None, g,
+                                (spec.resolution,) * 2, "cpu")
+        p = make_params()
+        alpha = torch.tensor(cfg.lr_teacher, requires_grad=True)
+        match = loss_fn(u, p.decode(used), alpha)
+        reg = p.regularizer()
+        (match + reg).backward()
+        out[name] = {"params": p, "alpha": alpha, "match": match.detach(), "reg": reg.detach()}
+    out["layout"] = torch.tensor(student.numels)
+    return out
+
+
+def _lines(method: str, pairs: list[tuple[str, object, object]], tol: float) -> list[ParityLine]:
+    return [compare(method, q, ours, theirs, tol=tol) for q, ours, theirs in pairs]
+
+
+def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
+    """MTT: matching loss, d/d images, d/d syn_lr (whole unroll and --checkpoint-unroll), and the images and lr
+    after the outer step (SGD momentum 0.5, no clamp)."""
+    from distill import PixelImages
+    spec = _spec(case)
+    cfg = mtt_config(case)
+    gen = torch.Generator().manual_seed(args.seed)
+    start, target = shared_expert(cfg, spec, gen)
+    n = spec.num_classes * cfg.ipc
+    images = torch.randn(n, spec.channels, spec.resolution, spec.resolution, generator=gen)
+    ours = run_ours(cfg, spec, lambda: PixelImages(cfg, spec, "cpu", images), start, target, args.seed + 1)
+    payload = {"model": cfg.model, "channel": spec.channels, "num_classes": spec.num_classes,
+               "im_size": [spec.resolution] * 2, "syn_steps": cfg.syn_steps, "batch_syn": n,
+               "labels": torch.arange(spec.num_classes).repeat_interleave(cfg.ipc), "start": start,
+               "target": target, "images": images, "syn_lr": torch.tensor(cfg.lr_teacher),
+               "lr_img": cfg.lr_img, "lr_lr": cfg.lr_lr, "through": "update",
+               "perms": permutations(ours["batch_state"], n, cfg.syn_steps)}
+    theirs = run_original(root, ADAPTER, "mtt_step", payload, threads=getattr(args, "threads", 1))
+    pairs = [("student parameter layout (sizes, in order)", ours["layout"], torch.tensor(theirs["layout"]))]
+    for name, tag in (("unrolled", ""), ("checkpointed", " [--checkpoint-unroll]")):
+        o = ours[name]
+        pairs += [(f"matching loss{tag}", o["match"], theirs["loss"]),
+                  (f"d loss / d images{tag}", o["params"].images.grad, theirs["grad_images"]),
+                  (f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"])]
+    pairs += [("images after the outer step", ours["updated"].images.detach(), theirs["images"]),
+              ("syn_lr after the outer step", ours["updated_lr"], theirs["syn_lr"])]
+    return _lines("mtt", pairs, args.tol)
+
+
+PARITY_METHODS = {"mtt": (check_mtt, "distill.py")}
