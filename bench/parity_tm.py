@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from original_runner import run_original
+from original_runner import OriginalFailed, run_original
 from parity_common import ParityLine, compare
 
 ADAPTER = "bench/original_side/tm.py"
@@ -58,8 +58,8 @@ def mtt_config(case: TMCase):
     step) at the parity shapes; one expert epoch and one start epoch so both sides read [theta_0, theta*]."""
     from distill import MTT_COMMON, DistillConfig
     return replace(DistillConfig(), **{**MTT_COMMON, "iterations": 1}, method="mtt", dataset=case.dataset,
-                   ipc=case.ipc, model=case.model, syn_steps=case.syn_steps, expert_epochs=1, max_start_epoch=1, dsa=False,
-                   lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01)
+                   ipc=case.ipc, model=case.model, syn_steps=case.syn_steps, expert_epochs=1, max_start_epoch=1,
+                   dsa=False, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01)
 
 
 def speed_config(case: TMCase):
@@ -73,13 +73,13 @@ def speed_config(case: TMCase):
                    l1_weight=case.l1_weight)
 
 
-def shared_expert(cfg, spec, gen: torch.Generator) -> tuple[list, list]:
+def shared_expert(cfg, spec, gen: torch.Generator, noise: float) -> tuple[list, list]:
     """[theta_0, theta*] as lists of parameter tensors in our ConvNet's `parameters()` order (MTT's snapshot
-    layout): a fresh network, and a copy moved by target_noise * N(0, 1)."""
+    layout): a fresh network, and a copy moved by noise * N(0, 1)."""
     from networks import get_network
     net = get_network(cfg.model, spec.channels, spec.num_classes, spec.resolution)
     start = [p.detach().clone() for p in net.parameters()]
-    target = [p + TMCase.target_noise * torch.randn(p.shape, generator=gen) for p in start]
+    target = [p + noise * torch.randn(p.shape, generator=gen) for p in start]
     return start, target
 
 
@@ -156,10 +156,13 @@ def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     """MTT: matching loss, d/d images, d/d syn_lr (whole unroll and --checkpoint-unroll), and the images and lr
     after the outer step (SGD momentum 0.5, no clamp)."""
     from distill import PixelImages
+    if (root / "recurrent_block.py").is_file():
+        raise OriginalFailed(f"--original {root} is SPEED's checkout (it has recurrent_block.py); --method mtt "
+                             "needs a checkout of mtt-distillation (or use --method speed)")
     spec = _spec(case)
     cfg = mtt_config(case)
     gen = torch.Generator().manual_seed(args.seed)
-    start, target = shared_expert(cfg, spec, gen)
+    start, target = shared_expert(cfg, spec, gen, case.target_noise)
     n = spec.num_classes * cfg.ipc
     images = torch.randn(n, spec.channels, spec.resolution, spec.resolution, generator=gen)
     ours = run_ours(cfg, spec, lambda: PixelImages(cfg, spec, "cpu", images), start, target, args.seed + 1)
@@ -181,4 +184,96 @@ def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     return _lines("mtt", pairs, args.tol)
 
 
-PARITY_METHODS = {"mtt": (check_mtt, "distill.py")}
+def _worst(method: str, quantity: str, ours: dict, theirs: dict, tol: float) -> ParityLine:
+    """One line for a group of tensors (the FReeNet's): the tensor with the largest relative error, named."""
+    if sorted(ours) != sorted(theirs):
+        return compare(method, quantity, [0.0], [1.0], tol=tol,
+                       note=f"tensor names differ: {sorted(set(ours) ^ set(theirs))}")
+    lines = {k: compare(method, quantity, ours[k], theirs[k], tol=tol) for k in ours}
+    name, worst = max(lines.items(), key=lambda kv: (kv[1].rel, kv[1].max_abs))
+    worst.quantity = f"{quantity} (worst of {len(lines)}: {name})"
+    return worst
+
+
+def _freenet_grads(net) -> dict:
+    return {k: p.grad for k, p in net.named_parameters()}
+
+
+def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
+    """SPEED: matching loss and L1 term; d total loss / d SAET, SCM, FReeNet, syn_lr (whole unroll and
+    --checkpoint-unroll); the tensors after the four outer steps and the lr clamp; the decode of the dense codes,
+    the top-k sparsification (also on tied values) and the decode of the top-k codes as saved."""
+    from distill import SpeedCode
+    from utils.speed import decode_images, pack_scm, topk_prune, unpack_scm
+    spec = _spec(case)
+    cfg = speed_config(case)
+    gen = torch.Generator().manual_seed(args.seed)
+    start, target = shared_expert(cfg, spec, gen, case.target_noise)
+    init_seed = args.seed + 2
+
+    def make_params():  # our own initialisation (E, A ~ N(0, 0.2^2), FReeNet Xavier), the same every call
+        return SpeedCode(cfg, spec, "cpu", torch.Generator().manual_seed(init_seed))
+
+    shared = make_params()
+    n = spec.num_classes * cfg.n_per_class
+    L = (spec.resolution // cfg.patch) ** 2
+    ours = run_ours(cfg, spec, make_params, start, target, args.seed + 1)
+    freenet_state = {k: v.detach().clone() for k, v in shared.freenet.state_dict().items()}
+    common = {"decoder": {"resolution": spec.resolution, "patch": cfg.patch, "dim": cfg.dim, "depth": cfg.depth,
+                          "heads": cfg.heads, "mlp_ratio": 1.0},
+              "freenet": freenet_state, "saet": shared.saet.detach().clone(), "scm": shared.scm.detach().clone()}
+    payload = {**common, "model": cfg.model, "channel": spec.channels, "num_classes": spec.num_classes,
+               "im_size": [spec.resolution] * 2, "syn_steps": cfg.syn_steps, "batch_syn": cfg.batch_syn,
+               "n_per_class": cfg.n_per_class, "inner_momentum": cfg.inner_momentum, "l1_weight": cfg.l1_weight,
+               "labels": torch.arange(spec.num_classes).repeat_interleave(cfg.n_per_class), "start": start,
+               "target": target, "syn_lr": torch.tensor(cfg.lr_teacher), "through": "update",
+               "lrs": {"saet": cfg.lr_saet, "scm": cfg.lr_scm, "freenet": cfg.lr_freenet, "lr": cfg.lr_lr},
+               "perms": permutations(ours["batch_state"], n, cfg.syn_steps)}
+    # Tied magnitudes (a grid of 0.25): the original keeps every entry tied with the k-th largest.
+    tied = (shared.scm.detach() * 4).round() / 4
+    payload.update(top_k=cfg.top_k, sparsify={"random": common["scm"], "tied": tied})
+    theirs = run_original(root, ADAPTER, "speed_step", payload, threads=getattr(args, "threads", 1))
+    dec = theirs
+
+    m = "speed"
+    lines = [compare(m, "student parameter layout (sizes, in order)", ours["layout"], torch.tensor(theirs["layout"]),
+                     tol=args.tol)]
+    for name, tag in (("unrolled", ""), ("checkpointed", " [--checkpoint-unroll]")):
+        o = ours[name]
+        lines += [compare(m, f"matching loss{tag}", o["match"], theirs["loss"], tol=args.tol),
+                  compare(m, f"L1 term{tag}", o["reg"], theirs["l1"], tol=args.tol),
+                  compare(m, f"d loss / d SAET{tag}", o["params"].saet.grad, theirs["grad_saet"], tol=args.tol),
+                  compare(m, f"d loss / d SCM (incl. L1){tag}", o["params"].scm.grad, theirs["grad_scm"],
+                          tol=args.tol),
+                  _worst(m, f"d loss / d FReeNet{tag}", _freenet_grads(o["params"].freenet), theirs["grad_freenet"],
+                         args.tol),
+                  compare(m, f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"], tol=args.tol)]
+    upd = ours["updated"]
+    lines += [compare(m, "SAET after the outer step", upd.saet.detach(), theirs["saet"], tol=args.tol),
+              compare(m, "SCM after the outer step", upd.scm.detach(), theirs["scm"], tol=args.tol),
+              _worst(m, "FReeNet after the outer step", upd.freenet.state_dict(), theirs["freenet"], args.tol),
+              compare(m, "syn_lr after the outer step and the clamp", ours["updated_lr"], theirs["syn_lr"],
+                      tol=args.tol)]
+
+    with torch.no_grad():
+        dense = shared.decode(torch.arange(n))
+        packed = pack_scm(shared.scm, cfg.top_k)
+        saved = decode_images(shared.saet, packed, shared.freenet, L)
+        lines += [compare(m, "decode of the dense codes (the unroll's images)", dense, dec["decode"], tol=args.tol),
+                  compare(m, "top-k sparsification (topk_prune)", topk_prune(shared.scm, cfg.top_k),
+                          dec["sparse_random"], tol=args.tol),
+                  compare(m, "top-k codes as saved (pack_scm -> unpack_scm)", unpack_scm(packed, L, cfg.num_saet),
+                          dec["sparse_random"], tol=args.tol),
+                  compare(m, "decode of the saved top-k set (decode_images)", saved, dec["decode_random"],
+                          tol=args.tol),
+                  compare(m, "top-k sparsification, tied values (topk_prune)", topk_prune(tied, cfg.top_k),
+                          dec["sparse_tied"], tol=args.tol),
+                  compare(m, "top-k codes as saved, tied values (pack_scm)",
+                          unpack_scm(pack_scm(tied, cfg.top_k), L, cfg.num_saet), dec["sparse_tied"], tol=args.tol,
+                          gating=False, note="compact storage keeps exactly k per (image, head), lowest position "
+                          "first among ties; the original keeps every tie (speed.md bug 11, §3.3); topk_prune "
+                          "above reproduces the original")]
+    return lines
+
+
+PARITY_METHODS = {"mtt": (check_mtt, "distill.py"), "speed": (check_speed, "recurrent_block.py")}

@@ -215,6 +215,8 @@ def speed_step(root: Path, payload: dict) -> dict:
     if through == "update":
         out.update(saet=saet.detach().clone(), scm=scm.detach().clone(), syn_lr=syn_lr.detach().clone(),
                    freenet={k: v.detach().clone() for k, v in freenet.state_dict().items()})
+    if "sparsify" in payload:   # the decode checks too, in the same process (one interpreter start fewer)
+        out.update(speed_decode(root, payload))
     return out
 
 
