@@ -46,6 +46,10 @@ class TMCase:
     patch: int = 4
     top_k: int = 20
     l1_weight: float = 3e-6
+    # expert training (buffer.py): uniform [0, 1) images with random labels, plain SGD, no augmentation
+    expert_images: int = 40
+    expert_batch: int = 16       # batches of 16, 16, 8
+    expert_epochs: int = 2
 
 
 def _spec(case: TMCase):
@@ -148,6 +152,44 @@ def run_ours(cfg, spec, make_params, start: list, target: list, seed: int) -> di
     return out
 
 
+def expert_lines(method: str, root: Path, args, case: TMCase, variants: list[tuple[str, bool, bool, str]]
+                 ) -> list[ParityLine]:
+    """buffer.py's expert training (`train_expert`) against the original buffer.py's loop statements: the same
+    initial network, the same images and batch order (recorded from our generator), no augmentation; every
+    snapshot compared. `variants`: (label, batch_standardize, gating, note). The original runs with copy_on_cpu:
+    its `.cpu()` snapshots would otherwise alias the live weights on a CPU (every snapshot = the final weights)."""
+    import copy
+
+    import buffer as B
+    from networks import get_network
+    spec = _spec(case)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    n = case.expert_images
+    # pixel-like values in [0, 1) (not already standardised, so the per-batch standardisation matters)
+    images = torch.rand(n, spec.channels, spec.resolution, spec.resolution, generator=gen)
+    labels = torch.randint(0, spec.num_classes, (n,), generator=gen)
+    torch.manual_seed(args.seed + 4)
+    net0 = get_network(case.model, spec.channels, spec.num_classes, spec.resolution)
+    state = torch.Generator().manual_seed(args.seed + 5).get_state()
+    payload = {"model": case.model, "dataset": spec.name, "lr": 0.01, "epochs": case.expert_epochs,
+               "channel": spec.channels, "num_classes": spec.num_classes, "im_size": [spec.resolution] * 2,
+               "images": images, "labels": labels, "batch": case.expert_batch,
+               "perms": permutations(state, n, case.expert_epochs),
+               "init": [p.detach().clone() for p in net0.parameters()]}
+    theirs = run_original(root, ADAPTER, "expert_trajectory", payload, threads=getattr(args, "threads", 1),
+                          copy_on_cpu=True)["trajectory"]
+    lines = []
+    for label, standardize, gating, note in variants:
+        g = torch.Generator()
+        g.set_state(state)
+        traj = B.train_expert(copy.deepcopy(net0), images, labels, case.expert_epochs, generator=g, lr=0.01,
+                              batch_size=case.expert_batch, dsa=None, batch_standardize=standardize, desc="parity")
+        ours = torch.stack([torch.cat([p.reshape(-1) for p in snap]) for snap in traj])
+        lines.append(compare(method, f"expert trajectory, {case.expert_epochs} epochs{label}", ours, theirs,
+                             tol=args.tol, gating=gating, note=note))
+    return lines
+
+
 def _lines(method: str, pairs: list[tuple[str, object, object]], tol: float) -> list[ParityLine]:
     return [compare(method, q, ours, theirs, tol=tol) for q, ours, theirs in pairs]
 
@@ -181,7 +223,10 @@ def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
                   (f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"])]
     pairs += [("images after the outer step", ours["updated"].images.detach(), theirs["images"]),
               ("syn_lr after the outer step", ours["updated_lr"], theirs["syn_lr"])]
-    return _lines("mtt", pairs, args.tol)
+    return _lines("mtt", pairs, args.tol) + expert_lines("mtt", root, args, case, [
+        (" [--no-batch-standardize]", False, True, ""),
+        (" (buffer.py default)", True, False, "buffer.py standardises every batch by default, as SPEED's buffer.py "
+         "does (speed.md §1.3); MTT's does not, --no-batch-standardize is MTT's behaviour")])
 
 
 def _worst(method: str, quantity: str, ours: dict, theirs: dict, tol: float) -> ParityLine:
@@ -273,7 +318,7 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
                           gating=False, note="compact storage keeps exactly k per (image, head), lowest position "
                           "first among ties; the original keeps every tie (speed.md bug 11, §3.3); topk_prune "
                           "above reproduces the original")]
-    return lines
+    return lines + expert_lines("speed", root, args, case, [(" (buffer.py default)", True, True, "")])
 
 
 PARITY_METHODS = {"mtt": (check_mtt, "distill.py"), "speed": (check_speed, "recurrent_block.py")}

@@ -22,7 +22,7 @@ from original_runner import OriginalFailed, run_original  # noqa: E402
 
 # Tiny shapes: a width-8, depth-1 ConvNet on CIFAR-10's 32 px, 2-step unrolls, SPEED with 4 tokens of width 8.
 CASE = parity_tm.TMCase(model="ConvNet-1-w8", syn_steps=3, ipc=1, n_per_class=2, batch_syn=6, num_saet=4, dim=8,
-                        depth=2, heads=2, patch=8, top_k=6)
+                        depth=2, heads=2, patch=8, top_k=6, expert_images=12, expert_batch=5, expert_epochs=2)
 ARGS = argparse.Namespace(seed=0, tol=1e-5)
 
 UTILS = """
@@ -48,6 +48,17 @@ class ParamDiffAug:
 
 def DiffAugment(x, strategy='', seed=-1, param=None):
     raise AssertionError("augmentation must be off in the parity step")
+
+def epoch(mode, dataloader, net, optimizer, criterion, args, aug):
+    for x, y in dataloader:
+        if STANDARDIZE:
+            x = (x - x.mean()) / x.std()
+        loss = criterion(net(x), y)
+        if mode == "train":
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return 0.0, 0.0
 
 def feature_sparsification(scm, top_k, device):
     flat = scm.reshape(scm.shape[0], scm.shape[1], -1)
@@ -111,6 +122,26 @@ class FReeNet(nn.Module):
             x = blk.norm2(x + blk.mlp.fc2(F.gelu(blk.mlp.fc1(x))))
         g, p = int(l ** 0.5), self.p
         return self.decoder_pred(x).reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)
+"""
+
+# One expert of buffer.py; snapshots with .cpu() as the originals do (the bench runs it with copy_on_cpu).
+BUFFER = """
+import torch
+
+def main(args):
+    trajectories = []
+    for it in range(0, args.num_experts):
+        teacher_net = get_network(args.model, channel, num_classes, im_size)
+        teacher_optim = torch.optim.SGD(teacher_net.parameters(), lr=args.lr_teacher)
+        timestamps = [[p.detach().cpu() for p in teacher_net.parameters()]]
+        for e in range(args.train_epochs):
+            epoch("train", dataloader=trainloader, net=teacher_net, optimizer=teacher_optim, criterion=criterion,
+                  args=args, aug=True)
+            epoch("test", dataloader=testloader, net=teacher_net, optimizer=None, criterion=criterion, args=args,
+                  aug=False)
+            timestamps.append([p.detach().cpu() for p in teacher_net.parameters()])
+        trajectories.append(timestamps)
+        print("saving happens here")
 """
 
 # The outer-loop bodies: {STEP} is the inner update, so a test can plant a divergence.
@@ -188,9 +219,11 @@ def main(args):
 def _original(tmp_path: Path, distill: str, speed: bool) -> Path:
     root = tmp_path / ("speed" if speed else "mtt")
     root.mkdir()
-    (root / "utils.py").write_text(UTILS)
+    # SPEED's epoch() standardises every batch (speed.md §1.3), MTT's does not
+    (root / "utils.py").write_text(UTILS.replace("STANDARDIZE", str(speed)))
     (root / "reparam_module.py").write_text(REPARAM)
     (root / "distill.py").write_text(distill)
+    (root / "buffer.py").write_text(BUFFER)
     if speed:
         (root / "networks.py").write_text(NETWORKS)
         (root / "recurrent_block.py").write_text("")
@@ -205,10 +238,13 @@ def test_mtt_parity_passes_against_a_matching_original(tmp_path):
     root = _original(tmp_path, MTT_DISTILL.replace("{STEP}", "theta - syn_lr * g"), speed=False)
     lines = parity_tm.check_mtt(root, ARGS, CASE)
     q = _by_quantity(lines)
-    assert all(line.ok and line.gating for line in lines)
+    assert all(line.ok for line in lines) and sum(not line.gating for line in lines) == 1
     for name in ("matching loss", "d loss / d images", "d loss / d syn_lr", "d loss / d images [--checkpoint-unroll]",
-                 "images after the outer step", "syn_lr after the outer step"):
+                 "images after the outer step", "syn_lr after the outer step",
+                 "expert trajectory, 2 epochs [--no-batch-standardize]"):
         assert q[name].rel <= 1e-5
+    info = q["expert trajectory, 2 epochs (buffer.py default)"]    # ours standardises batches, MTT's does not
+    assert not info.gating and info.rel > 1e-3 and "--no-batch-standardize" in info.note
 
 
 def test_mtt_parity_fails_on_a_divergent_inner_step(tmp_path):
@@ -227,7 +263,8 @@ def test_speed_parity_passes_and_names_the_storage_fix(tmp_path):
     assert gating and all(line.ok for line in gating)
     for name in ("matching loss", "L1 term", "d loss / d SAET", "d loss / d SCM (incl. L1)", "d loss / d FReeNet",
                  "d loss / d syn_lr", "SCM after the outer step", "FReeNet after the outer step",
-                 "decode of the saved top-k set (decode_images)", "top-k sparsification, tied values (topk_prune)"):
+                 "decode of the saved top-k set (decode_images)", "top-k sparsification, tied values (topk_prune)",
+                 "expert trajectory, 2 epochs (buffer.py default)"):
         assert q[name].gating and q[name].rel <= 1e-5, name
     info = q["top-k codes as saved, tied values (pack_scm)"]
     assert not info.gating and info.rel > 0 and "bug 11" in info.note   # ties: the original keeps more than k

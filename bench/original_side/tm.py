@@ -59,17 +59,18 @@ def _shim_missing_imports() -> None:
         sys.modules.update({"einops": einops, "einops.layers": layers, "einops.layers.torch": layers_torch})
 
 
-def _loop_body(root: Path) -> list[ast.stmt]:
-    """The body of `for it in range(0, args.Iteration + 1)` in the original's `main`."""
-    tree = ast.parse((Path(root) / "distill.py").read_text(), filename="distill.py")
+def _loop_body(root: Path, script: str = "distill.py", bound: str = "Iteration") -> list[ast.stmt]:
+    """The body of the outer loop `for it in range(... args.<bound> ...)` in `main` of the original's script
+    (distill.py: iterations; buffer.py: experts)."""
+    tree = ast.parse((Path(root) / script).read_text(), filename=script)
     main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
     if main is None:
-        raise RuntimeError("distill.py has no main(args); not the MTT/SPEED checkout this adapter reads")
+        raise RuntimeError(f"{script} has no main(args); not the MTT/SPEED checkout this adapter reads")
     for node in ast.walk(main):
         if (isinstance(node, ast.For) and isinstance(node.target, ast.Name) and node.target.id == "it"
-                and "Iteration" in ast.unparse(node.iter)):
+                and bound in ast.unparse(node.iter)):
             return node.body
-    raise RuntimeError("distill.py's main has no `for it in range(... args.Iteration ...)` loop")
+    raise RuntimeError(f"{script}'s main has no `for it in range(... args.{bound} ...)` loop")
 
 
 def _is_call_of(stmt: ast.stmt, attr: str) -> bool:
@@ -138,7 +139,7 @@ def _namespace(payload: dict, args: _Args) -> dict:
     import utils
     from reparam_module import ReparamModule
     trajectory = [[t.clone() for t in payload["start"]], [t.clone() for t in payload["target"]]]
-    return {"torch": torch, "np": np, "nn": nn, "args": args, "get_network": utils.get_network,
+    return {"torch": torch, "np": np, "nn": nn, "args": args, "it": 0, "get_network": utils.get_network,
             "ReparamModule": ReparamModule, "DiffAugment": utils.DiffAugment, "buffer": [trajectory],
             "channel": int(payload["channel"]), "num_classes": int(payload["num_classes"]),
             "im_size": tuple(int(v) for v in payload["im_size"]), "criterion": nn.CrossEntropyLoss(),
@@ -235,3 +236,60 @@ def speed_decode(root: Path, payload: dict) -> dict:
             out[f"sparse_{name}"] = pruned
             out[f"decode_{name}"] = freenet.forward(saet.repeat(pruned.shape[0], 1, 1), pruned)
     return out
+
+
+class _GivenOrder:
+    """A stand-in for buffer.py's shuffled DataLoader: each pass (epoch) yields the batches of the next of the
+    bench's permutations, in order, the last batch shorter (as a DataLoader without drop_last)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, perms: list, batch: int):
+        self.images, self.labels, self.perms, self.batch = images, labels, list(perms), batch
+
+    def __iter__(self):
+        if not self.perms:
+            raise RuntimeError("the original ran more epochs than the bench prepared batch orders for")
+        order = self.perms.pop(0)
+        for s in range(0, len(order), self.batch):
+            idx = order[s:s + self.batch]
+            yield self.images[idx], self.labels[idx]
+
+
+def expert_trajectory(root: Path, payload: dict) -> dict:
+    """One expert of the original's buffer.py: its loop statements from the teacher's construction through
+    `trajectories.append(timestamps)`, with the original's `get_network` (the bench's initial weights copied into
+    its ConvNet in parameter order), its `epoch()` (SPEED's standardises every batch; MTT's does not), plain SGD
+    at args.lr_teacher, no augmentation, and the bench's batch order. Returns the snapshots flattened (E+1, P).
+    Needs copy_on_cpu: the original snapshots with `.cpu()`, which on a CPU aliases the live weights."""
+    _shim_missing_imports()
+    import utils
+    init = payload["init"]
+
+    def get_network(*a, **k):
+        net = utils.get_network(*a, **k)
+        params = list(net.parameters())
+        if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in init]:
+            raise RuntimeError("the original's network has another parameter layout than the bench's")
+        with torch.no_grad():
+            for p, t in zip(params, init):
+                p.copy_(t)
+        return net
+
+    args = _Args(model=payload["model"], device="cpu", dataset=payload["dataset"], lr_teacher=float(payload["lr"]),
+                 mom=0.0, l2=0.0, decay=False, train_epochs=int(payload["epochs"]), dsa=False, dc_aug_param=None,
+                 dsa_param=utils.ParamDiffAug(), dsa_strategy="color_crop_cutout_flip_scale_rotate")
+    images, labels = payload["images"], payload["labels"]
+    ns = {"torch": torch, "np": np, "nn": nn, "args": args, "it": 0, "get_network": get_network, "epoch": utils.epoch,
+          "criterion": nn.CrossEntropyLoss(), "trajectories": [], "channel": int(payload["channel"]),
+          "num_classes": int(payload["num_classes"]), "im_size": tuple(int(v) for v in payload["im_size"]),
+          "trainloader": _GivenOrder(images, labels, payload["perms"], int(payload["batch"])),
+          "testloader": [(images[:8], labels[:8])]}
+    body = _loop_body(root, "buffer.py", "num_experts")
+    first = next((i for i, s in enumerate(body) if isinstance(s, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "teacher_net" for t in s.targets)), None)
+    last = next((i for i, s in enumerate(body) if _is_call_of(s, "append")
+                 and ast.unparse(s.value.func.value) == "trajectories"), None)
+    if first is None or last is None or last < first:
+        raise RuntimeError("could not find the teacher's construction and trajectories.append in buffer.py")
+    exec(compile(ast.Module(body=body[first:last + 1], type_ignores=[]), str(Path(root) / "buffer.py"), "exec"), ns)
+    (traj,) = ns["trajectories"]
+    return {"trajectory": torch.stack([torch.cat([p.reshape(-1) for p in snap]) for snap in traj])}
