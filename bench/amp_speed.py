@@ -99,7 +99,7 @@ def recover_step(args, device, amp):
     import recover as R
     from utils.teacher import Teacher, freeze
     torch.manual_seed(0)
-    classes, res = 10, 32
+    classes, res = args.classes, args.res
     net = get_network(args.arch, 3, classes, res)
     net.train()
     with torch.no_grad():
@@ -137,13 +137,19 @@ def train_step(args, device, amp):
 STAGES = {"condense": condense_step, "distill": distill_step, "recover": recover_step, "train": train_step}
 
 
-def time_it(step, iters: int) -> list[float]:
+def time_it(step, iters: int, device: torch.device) -> tuple[list[float], float | None]:
+    """Seconds of each call and the peak GPU memory (MiB) over them (None on a CPU: one process holds both
+    sides, so its RSS is not either side's own; bench/vs_original.py measures CPU memory per process)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step()
         out.append(time.perf_counter() - t0)
-    return out
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return out, peak
 
 
 def main(argv=None) -> float:
@@ -163,6 +169,8 @@ def main(argv=None) -> float:
     p.add_argument("--n-data", type=int, default=64, help="condense: real samples per network update (CPU scale 64)")
     p.add_argument("--syn-steps", type=int, default=20)
     p.add_argument("--arch", default="ResNet-18")
+    p.add_argument("--res", type=int, default=32, help="recover: teacher input size")
+    p.add_argument("--classes", type=int, default=10, help="recover: teacher classes")
     p.add_argument("--method", default="sre2l", help="recover: sre2l or dwa")
     p.add_argument("--batch", type=int, default=10, help="recover: images per unit")
     p.add_argument("--recover-iters", type=int, default=5, help="recover: pixel iterations per timed call")
@@ -178,23 +186,29 @@ def main(argv=None) -> float:
     for s in steps.values():
         s()   # warm-up: allocator, oneDNN/cuDNN kernel choice
     times = {k: [] for k in steps}
+    peaks = {k: [] for k in steps}
     ratios = []
     for _ in range(args.rounds):
         med = {}
         for k, s in steps.items():
-            t = time_it(s, args.iters)
+            t, peak = time_it(s, args.iters, device)
             times[k].append(t)
+            peaks[k].append(peak)
             med[k] = float(np.median(t))
         ratios.append(med["off"] / med[low.mode])
     speedup = float(np.median(ratios))
     print(f"settings: {vars(args)}, torch threads {torch.get_num_threads()}")
+    summary = {}
     for k in steps:
         flat = [v for r in times[k] for v in r]
-        print(f"{args.stage} {k:4s}: {np.median(flat):.4f} s / iteration (median of {len(flat)})")
+        peak = max(peaks[k]) if peaks[k][0] is not None else None
+        summary[k] = {"sec_per_it": float(np.median(flat)), "peak_mib": peak}
+        mem = f", peak {peak:.0f} MiB" if peak is not None else ""
+        print(f"{args.stage} {k:4s}: {np.median(flat):.4f} s / iteration (median of {len(flat)}){mem}")
     print(f"per-round ratios fp32/{low.mode}: " + ", ".join(f"{r:.2f}" for r in ratios))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "ratios": ratios,
-                                               "speedup": speedup}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "times": times,
+                                               "summary": summary, "ratios": ratios, "speedup": speedup}, indent=2))
     print(f"speedup {speedup:.2f}")
     return speedup
 

@@ -159,3 +159,31 @@ def test_condense_and_distill_refuse_fp16_even_on_a_gpu_device():
         C.resolve_condense_amp("fp16", torch.device("cuda"))
     with pytest.raises(UserError, match="^--amp fp16 is not supported here \\(the unrolled student steps"):
         distill.resolve_distill_amp("fp16", torch.device("cuda"))
+
+
+# --------------------------------------------------------------------------------- benches and GPU script
+
+def test_amp_speed_condense_prints_the_speedup_last(capsys):
+    import re
+    from bench import amp_speed
+    ratio = amp_speed.main(["--stage", "condense", "--iters", "1", "--rounds", "1", "--per-class", "4",
+                            "--batch-real", "4", "--n-data", "8"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup \d+\.\d\d", last) and last == f"speedup {ratio:.2f}" and ratio > 0
+
+
+def test_gpu_bench_script_dry_run_lists_every_stage_in_both_precisions(tmp_path):
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", str(root / "scripts/gpu/bench.sh"), "--dry-run", str(tmp_path / "g")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    stages = [ln.split("--stage ")[1].split()[0] for ln in lines]
+    assert stages == ["condense", "distill", "recover", "recover", "train"]
+    assert all(ln.startswith("timeout 90 ") and "--device cuda --mode bf16" in ln for ln in lines)
+    assert not (tmp_path / "g").exists()   # a dry run writes nothing
+    bad = subprocess.run(["bash", str(root / "scripts/gpu/bench.sh"), "--fast"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown option --fast (--dry-run, --device cuda|cpu)"
