@@ -4,8 +4,8 @@ original's own loop, unmodified, by observing calls it already makes.
 Imports only torch, numpy, the standard library and the original's own modules (never this repository). The
 original's requirements (IDC: matplotlib, efficientnet_pytorch) must be importable in the subprocess (PYTHONPATH).
 Two shims that change no value, for the CPU: `np.int` (removed in numpy 1.24, used by IDC's CutMix box) is set to
-`int`, and DiffAug's output is made contiguous (its crop's permute leaves one-channel images with strides that read
-as channels-last, and the ConvNet's final `view` then fails on a CPU).
+`int`, and DiffAug's output is copied into the standard layout (its crop's permute leaves one-channel images with
+strides that also read as channels-last, which `.contiguous()` keeps; the ConvNet's final `view` then fails on a CPU).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _cpu_shims() -> None:
     call = DiffAug.__call__
 
     def contiguous_call(self, x, *a, **k):
-        return call(self, x, *a, **k).contiguous()
+        return call(self, x, *a, **k).clone(memory_format=torch.contiguous_format)
     contiguous_call._ddt_contiguous = True
     DiffAug.__call__ = contiguous_call
 
