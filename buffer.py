@@ -49,7 +49,7 @@ from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
@@ -411,6 +411,7 @@ def main(
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
 ):
     """Train expert networks and save their trajectories in MTT's replay_buffer_<n>.pt format."""
+    refuse_overlap(buffer_path, "--buffer-path", {"--data-path": data_path})
     require_at_least({"--num-experts": num_experts, "--train-epochs": train_epochs, "--save-interval": save_interval,
                       "--batch-train": batch_train, "--train-subset": train_subset, "--test-per-class": test_per_class,
                       "--res": res})

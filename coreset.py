@@ -21,6 +21,7 @@ import typer
 from utils.coreset import herding_indices
 from utils.datasets import load_split, per_class_indices, to_pixels
 from utils.errors import UserError
+from utils.io import refuse_overlap, run_lock
 from utils.misc import require_at_least, cli_errors, resolve_device
 from utils.synset import pixel_set, save_synset
 
@@ -87,6 +88,17 @@ def main(
     if method not in SELECTORS:
         raise UserError(f"unknown --method '{method}' ({', '.join(SELECTORS)})")
     require_at_least({"--ipc": ipc, "--res": res})
+    refuse_overlap(out, "--out", {"--data-path": data_path})
+    # one writer per set: a second job on the same --out stops instead of replacing the first one's set (the lock
+    # sits beside the set, which is replaced whole)
+    with run_lock(out.parent, "coreset.py", f".{out.name}.lock"):
+        write_coreset(dataset, data_path, ipc, method, seed, out, res, overwrite, export, herding_model,
+                      herding_epochs, device)
+
+
+def write_coreset(dataset: str, data_path: Path, ipc: int, method: str, seed: int, out: Path, res: Optional[int],
+                  overwrite: bool, export: bool, herding_model: str, herding_epochs: int, device: str) -> None:
+    """Select the subset and write it as a synthetic set (the stage without its lock)."""
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     data, spec = load_split(dataset, data_path, "train", resolution=res)

@@ -39,7 +39,7 @@ from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.digest import files_digest
-from utils.io import atomic_torch_save, atomic_write_json, run_lock, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, kept_code_mass, masked_topk,
@@ -862,6 +862,7 @@ def main(
         zca_state = ZCA.fit(to_pixels(split.images), eps=0.1).state_dict()
 
     out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
+    refuse_overlap(out, "--out", {"--data-path": data_path})
     fingerprint = config_fingerprint(cfg, {"experts": str(folder.resolve()), "space": space})
     inputs = expert_digests(folder, files)
     ckpt_path = out / "ckpt.pt"

@@ -46,9 +46,9 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from utils.datasets import (FileSplit, Split, default_cache_dir, iter_file_bytes, per_class_indices, read_cache_entry,
-                            read_split, source_digest, write_cache_entry)
+                            read_split, source_digest, to_8bit, write_cache_entry)
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, refuse_overlap, run_lock
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.teacher import NORMALIZATIONS, Teacher, load_teacher
 
@@ -117,7 +117,7 @@ class TrainImages:
         try:
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 im.load()
-                return im.convert(mode)
+                return to_8bit(im).convert(mode)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"corrupt or unreadable image {self.rel_paths[p]}: {why}") from None
@@ -700,10 +700,12 @@ def main(
     require_at_least({"--ipc": ipc, "--batch-size": batch_size, "--res": res, "--train-subset": train_subset})
     if tensor_files and fmt == "folder":
         fmt = "both"
-    rank_and_select(teacher, data_path, out, ipc=ipc, selection=selection, dataset=dataset, arch=arch, norm=norm,
-                    res=res, seed=seed, ranking_file=ranking_file, store_rank_file=store_rank_file, fmt=fmt,
-                    resize=resize, batch_size=batch_size, workers=workers, device=device, download=download,
-                    quiet=quiet, train_subset=train_subset, cache=cache, max_memory_gb=max_memory_gb)
+    refuse_overlap(out, "--out", {"--data-path": data_path})
+    with run_lock(out.parent, "rank_select.py", f".{out.name}.lock"):   # one writer per output folder
+        rank_and_select(teacher, data_path, out, ipc=ipc, selection=selection, dataset=dataset, arch=arch, norm=norm,
+                        res=res, seed=seed, ranking_file=ranking_file, store_rank_file=store_rank_file, fmt=fmt,
+                        resize=resize, batch_size=batch_size, workers=workers, device=device, download=download,
+                        quiet=quiet, train_subset=train_subset, cache=cache, max_memory_gb=max_memory_gb)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from torch import nn
 from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.augment import crop_resize_box, flip_mask, rrc_boxes
 from utils.checkpoint import capture_rng, check_finite, load_state, restore_rng, save_state, settings_fingerprint
-from utils.datasets import IMAGE_SUFFIXES
+from utils.datasets import IMAGE_SUFFIXES, to_8bit
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, safe_torch_load
@@ -419,7 +419,7 @@ def apply_augmentation(x: torch.Tensor, draw: AugDraw, antialias: bool = False) 
 
 
 def _preprocess(img: Image.Image, res: int, mode: str, channels: int = 3) -> torch.Tensor:
-    img = img.convert("RGB" if channels == 3 else "L")
+    img = to_8bit(img).convert("RGB" if channels == 3 else "L")
     if mode == "stretch":                                   # DWA Tiny/ImageNet: exact square, aspect not kept
         img = img.resize((res, res), Image.BILINEAR)
     else:                                                   # DELT: Resize(floor(R/7)*8) + CenterCrop(R)

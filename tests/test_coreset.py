@@ -22,9 +22,10 @@ def test_selectors():
 
 
 def test_cli_writes_a_set_and_refuses_bad_input(tmp_path):
-    make_mnist_like(tmp_path)
+    (tmp_path / "data").mkdir()                 # outputs beside the data: inside it they are refused
+    make_mnist_like(tmp_path / "data")
     out = tmp_path / "set"
-    args = ["--dataset", "MNIST", "--data-path", str(tmp_path), "--ipc", "3", "--out", str(out)]
+    args = ["--dataset", "MNIST", "--data-path", str(tmp_path / "data"), "--ipc", "3", "--out", str(out)]
     r = CliRunner().invoke(coreset.app, args + ["--export-imagefolder"])
     assert r.exit_code == 0, r.output
     syn = load_synset(out)
@@ -125,9 +126,10 @@ def test_herding_indices_end_to_end(tmp_path):
 
 
 def test_cli_herding_method(tmp_path):
-    make_mnist_like(tmp_path, n_train=4)
+    (tmp_path / "data").mkdir()
+    make_mnist_like(tmp_path / "data", n_train=4)
     out = tmp_path / "herd"
-    r = CliRunner().invoke(coreset.app, ["--dataset", "MNIST", "--data-path", str(tmp_path), "--ipc", "2",
+    r = CliRunner().invoke(coreset.app, ["--dataset", "MNIST", "--data-path", str(tmp_path / "data"), "--ipc", "2",
                                          "--out", str(out), "--method", "herding", "--herding-model", "ConvNet-1",
                                          "--herding-epochs", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output

@@ -220,3 +220,28 @@ def test_registry_constants():
     m, s = get_dataset_spec("SVHN").mean, get_dataset_spec("SVHN").std
     assert torch.allclose(denormalize(normalize(x, m, s), m, s), x, atol=1e-6)
     assert to_pixels(torch.tensor([255], dtype=torch.uint8)).item() == 1.0
+
+
+def _gradient16(res=16):
+    """A 16-bit grayscale ramp over the whole range (0 .. 65535), as scanners and medical images store them."""
+    return (np.arange(res * res).reshape(res, res) * (65535 / (res * res - 1))).round().astype(np.uint16)
+
+
+def test_sixteen_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path, cache):
+    """PIL's convert() clips 16-bit values at 255, so all but the darkest pixels saturate; they must be scaled
+    (v / 257, rounded), in a dataset ImageFolder and in a synthetic ImageFolder set alike."""
+    from utils.synset import load_synset
+    ramp = _gradient16()
+    want = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.fromarray(ramp).save(tmp_path / "data" / split / c / "x.png")
+    assert Image.open(tmp_path / "data" / "train" / "a" / "x.png").mode.startswith("I")   # really 16-bit on disk
+    split, _ = load_split("ImageFolder", tmp_path / "data", "train", progress=False)
+    assert split.images.shape == (2, 3, 16, 16)
+    assert torch.equal(split.images[0], want.expand(3, 16, 16))
+    assert (split.images == 255).float().mean() < 0.01
+    syn = load_synset(tmp_path / "data" / "train", dataset="ImageFolder")
+    images, _ = syn.decode()
+    assert torch.allclose(images[0], want.float().div(255).expand(3, 16, 16), atol=1e-6)

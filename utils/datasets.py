@@ -410,11 +410,21 @@ def list_datasets() -> list[str]:
 
 # --------------------------------------------------------------------------------------------- decoding
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grayscale images (PIL modes I;16*, and I, which older Pillow gives 16-bit PNGs) scaled to 8 bits,
+    v / 257 rounded. PIL's own convert("L"/"RGB") clips them at 255, which saturates all but the darkest pixels.
+    Other modes are returned as they are (PIL already reduces 16-bit colour PNGs to 8 bits per channel)."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    arr = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))
+
+
 def _decode_image(data: bytes | Path, channels: int, resolution: int, resize: str, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             im.load()
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = to_8bit(im).convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"corrupt or unreadable image {name}: {str(e).splitlines()[0] if str(e) else e}") from None
     w, h = im.size

@@ -103,6 +103,23 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"cannot read {what} {path}: corrupt or truncated ({first[:160]})") from None
 
 
+def refuse_overlap(out: str | Path, out_flag: str, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder inside an input dataset folder (its files would become part of the data the next
+    run reads: a new class folder, stray images) or holding one (a stage that replaces its output whole would
+    delete the data). `inputs`: flag -> folder; archives, missing paths and None are skipped."""
+    o = Path(out).expanduser().resolve()
+    for flag, src in inputs.items():
+        if src is None or not Path(src).expanduser().is_dir():
+            continue
+        s = Path(src).expanduser().resolve()
+        if o == s or s in o.parents:
+            raise UserError(f"{out_flag} {out} is inside the input dataset {flag} {src}: what is written there would "
+                            "become part of the data; choose an output folder outside it")
+        if o in s.parents:
+            raise UserError(f"{out_flag} {out} holds the input dataset {flag} {src}: replacing the output would "
+                            "touch the data; choose an output folder that does not contain it")
+
+
 @contextmanager
 def run_lock(folder: str | Path, stage: str, name: str = ".lock") -> Iterator[None]:
     """Hold an exclusive lock on `<folder>/<name>` while a stage writes `folder` (or one output file in it), so a

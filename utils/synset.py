@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec
+from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec, to_8bit
 from utils.digest import files_digest
 from utils.errors import UserError
 from utils.io import make_temp_dir, safe_torch_load
@@ -387,7 +387,7 @@ def _from_imagefolder(d: Path, spec: DatasetSpec) -> SyntheticSet:
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im = im.convert("L" if spec.channels == 1 else "RGB")
+                    im = to_8bit(im).convert("L" if spec.channels == 1 else "RGB")
                     if res and im.size != (res, res):
                         im = im.resize((res, res), Image.BILINEAR)
                     arr = np.asarray(im, dtype=np.uint8)
