@@ -50,7 +50,7 @@ from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load
 from utils.dsa import DSA
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
-from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, step
 from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
 from utils.trajectory import (buffer_files, buffer_index, check_trajectories, expert_dir_for, load_buffer_file,
@@ -104,7 +104,8 @@ def map_to_training_space(spec: DatasetSpec, train_images: torch.Tensor, test_im
     test = to_pixels(test_images.to(device))
     if zca:
         from utils.zca import ZCA
-        z = ZCA.fit(train, eps=ZCA_EPS)
+        with step(f"fitting ZCA on {len(train)} train images"):
+            z = ZCA.fit(train, eps=ZCA_EPS)
         return z.transform(train), z.transform(test), z.state_dict()
     return normalize(train, spec.mean, spec.std), normalize(test, spec.mean, spec.std), None
 

@@ -40,7 +40,7 @@ from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.digest import files_digest
 from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
-from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything, step
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, kept_code_mass, masked_topk,
                          speed_decoder_args, speed_preset, speed_tensors, storage_floats, straight_through_topk)
@@ -859,7 +859,8 @@ def main(
                               seed=bmeta.get("seed", cfg.seed) if subset_per_class else cfg.seed)
     if zca and zca_state is None:  # a legacy buffer: refit the ZCA the experts used (eps 0.1, train split)
         from utils.zca import ZCA
-        zca_state = ZCA.fit(to_pixels(split.images), eps=0.1).state_dict()
+        with step(f"fitting ZCA on {len(split.images)} train images"):
+            zca_state = ZCA.fit(to_pixels(split.images), eps=0.1).state_dict()
 
     out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
     refuse_overlap(out, "--out", {"--data-path": data_path})

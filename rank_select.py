@@ -49,7 +49,7 @@ from utils.datasets import (FileSplit, Split, default_cache_dir, iter_file_bytes
                             read_split, source_digest, to_8bit, write_cache_entry)
 from utils.errors import UserError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, refuse_overlap, run_lock
-from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, step
 from utils.teacher import NORMALIZATIONS, Teacher, load_teacher
 
 RANKING_COLUMNS = ("score", "img_path", "class")
@@ -269,8 +269,10 @@ def cached_pixels(images: TrainImages, resolution: int, resize: str, *, workers:
         return px
     if len(images.raw.files) * images.channels * resolution ** 2 > max_gb * 2 ** 30:
         return None
-    px = decode_all(images, resolution, resize, workers, batch_size, show_progress)
-    write_cache_entry(px, path)
+    with step(f"decoding {len(images.raw.files)} training images once, to be cached in {path.parent} "
+              "(set DDT_CACHE to move it)", quiet=not show_progress):
+        px = decode_all(images, resolution, resize, workers, batch_size, show_progress)
+    write_cache_entry(px, path, announce=show_progress)
     return px
 
 
@@ -615,8 +617,9 @@ def rank_and_select(teacher_path: Path, data_path: Path, out: Path, *, ipc: int,
         pixels = cached_pixels(images, teacher.resolution, resize, workers=workers, batch_size=batch_size,
                                cache_dir=cache_dir, max_gb=max_memory_gb, build=train_subset is None,
                                show_progress=not quiet) if cache else None
-        scores = score_images(teacher, images, batch_size=batch_size, workers=workers, resize=resize,
-                              show_progress=not quiet, pixels=pixels)
+        with step(f"ranking {len(images)} training images with the teacher", quiet=quiet):
+            scores = score_images(teacher, images, batch_size=batch_size, workers=workers, resize=resize,
+                                  show_progress=not quiet, pixels=pixels)
         write_ranking(ranking_table(images, scores), rank_path)
         log.info(f"ranking written to {rank_path}")
 

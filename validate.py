@@ -57,7 +57,7 @@ from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env
 from utils.io import atomic_write_json
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
                       train_network_kd)
-from utils.misc import require_at_least, RunLog, cli_errors, resolve_device
+from utils.misc import require_at_least, RunLog, cli_errors, resolve_device, step
 from utils.signals import StopRequest, Stopped
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
@@ -958,7 +958,8 @@ def main(
     if zca:
         from utils.zca import ZCA
         tr, _ = load_split(dataset, data_path, "train", resolution=res, download=download)
-        zca_state = ZCA.fit(to_pixels(tr.images), eps=0.1).state_dict()
+        with step(f"fitting ZCA on {len(tr.images)} train images"):
+            zca_state = ZCA.fit(to_pixels(tr.images), eps=0.1).state_dict()
 
     if syn is not None and synset is None:
         synset = load_synset(syn, dataset=dataset, factor=factor, zca_state=zca_state)

@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from utils.digest import files_digest, tensor_checksum
 from utils.errors import UserError
 from utils.io import atomic_torch_save
+from utils.progress import human_bytes, progress as progress_bar, step
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -469,8 +471,7 @@ def decode_files(fs: FileSplit, indices: list[int], channels: int, resolution: i
     pos = {i: k for k, i in enumerate(indices)}
     it = iter_file_bytes(fs, indices)
     if progress:
-        from utils.misc import progress as bar
-        it = bar(it, total=len(indices), desc="decoding images")
+        it = progress_bar(it, total=len(indices), desc=f"decoding {len(indices)} images")
     for i, data, name in it:
         img = _decode_image(data, channels, resolution, resize, name)
         if img.shape[-2:] != out.shape[-2:]:
@@ -640,12 +641,20 @@ def read_cache_entry(path: Path, n: int, channels: int, res: int) -> torch.Tenso
     return images if entry.get("checksum") == tensor_checksum(images) else None
 
 
-def write_cache_entry(images: torch.Tensor, path: Path) -> None:
-    """Store decoded images with their checksum (atomically); a read-only cache folder is no reason to fail."""
+def write_cache_entry(images: torch.Tensor, path: Path, announce: bool = False) -> bool:
+    """Store decoded images with their checksum (atomically); False when that failed, since a read-only cache
+    folder is no reason to fail the run. With `announce`, say where the entry went and its size (or that every run
+    will decode again)."""
     try:
         atomic_torch_save({"format": CACHE_FORMAT, "images": images, "checksum": tensor_checksum(images)}, path)
-    except OSError:
-        pass
+    except OSError as e:
+        if announce:
+            print(f"could not cache the decoded images in {path.parent} ({e.strerror or e}); every run will decode "
+                  "them again (set DDT_CACHE to a writable folder)", file=sys.stderr, flush=True)
+        return False
+    if announce:
+        print(f"cached {path} ({human_bytes(path.stat().st_size)})", file=sys.stderr, flush=True)
+    return True
 
 
 def _cached_decode(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, res: int, cache_dir: Path | None,
@@ -654,8 +663,10 @@ def _cached_decode(spec: DatasetSpec, raw: FileSplit, root: Path, split: str, re
     path = cache / f"{spec.name}-{split}-{_cache_key(spec, raw, root, split, res)}.pt"
     images = read_cache_entry(path, len(raw.files), spec.channels, res)
     if images is None:
-        images = decode_files(raw, list(range(len(raw.files))), spec.channels, res, spec.resize, progress)
-        write_cache_entry(images, path)
+        with step(f"{spec.name} {split}: decoding {len(raw.files)} images once, to be cached in {cache} "
+                  "(set DDT_CACHE to move it)", quiet=not progress):
+            images = decode_files(raw, list(range(len(raw.files))), spec.channels, res, spec.resize, progress)
+        write_cache_entry(images, path, announce=progress)
     return images
 
 

@@ -14,6 +14,7 @@ import torch
 
 from utils.errors import UserError
 from utils.signals import Stopped
+from utils.progress import progress, step  # noqa: F401  (the stages import them from here)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -110,11 +111,3 @@ def cli_errors(fn: Callable) -> Callable:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
     return wrapper
-
-
-def progress(iterable, total: int | None = None, desc: str = "", disable: bool | None = None):
-    """tqdm progress bar on stderr, off when stderr is not a terminal unless DDT_PROGRESS=1."""
-    from tqdm import tqdm
-    if disable is None:
-        disable = not (sys.stderr.isatty() or os.environ.get("DDT_PROGRESS") == "1")
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
