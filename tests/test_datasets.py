@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.datasets import (IMAGENET_SUBSETS, get_dataset_spec, list_datasets, load_split, normalize, denormalize,
+from utils.datasets import (CIFAR10_CLASSES, IMAGENET_SUBSETS, get_dataset_spec, list_datasets, load_split, normalize, denormalize,
                             to_pixels)
 from utils.errors import UserError
 
@@ -158,25 +158,45 @@ def test_svhn_mat(tmp_path):
     assert torch.equal(te.images, torch.from_numpy(x)) and te.labels.tolist() == [0, 1, 9]
 
 
-def test_tiny_imagenet_official_flat_val(tmp_path, cache):
-    base = tmp_path / "tiny-imagenet-200"
-    wnids = ["n02", "n01", "n03"]
-    (base).mkdir()
+def _tiny_tree(base, wnids, val_wnids):
+    base.mkdir()
     (base / "wnids.txt").write_text("\n".join(wnids))
     for w in wnids:
-        for k in range(2):
-            save_png(base / "train" / w / "images" / f"{w}_{k}.JPEG", rand_images(1, 3, 64, seed=k)[0])
+        save_png(base / "train" / w / "images" / f"{w}_0.JPEG", rand_images(1, 3, 8, seed=len(w))[0])
     lines = []
-    for i, w in enumerate(["n03", "n01", "n02", "n03"]):
+    for i, w in enumerate(val_wnids):
         save_png(base / "val" / "images" / f"val_{i}.JPEG", np.full((3, 64, 64), i, dtype=np.uint8))
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines))
+
+
+def test_tiny_imagenet_official_flat_val(tmp_path, cache):
+    wnids = [f"n{k:03d}" for k in range(200)][::-1]  # written in reverse: labels follow sorted wnids
+    val = ["n003", "n001", "n002", "n003"] + wnids  # every class needs val images
+    _tiny_tree(tmp_path / "tiny-imagenet-200", wnids, val)
     tr, spec = load_split("tiny", tmp_path, "train", progress=False)
     te, _ = load_split("TinyImageNet", tmp_path, "test", progress=False)
-    assert spec.class_names == ("n01", "n02", "n03")  # sorted wnids
-    assert tr.images.shape == (6, 3, 64, 64)
-    assert te.labels.tolist() == [0, 1, 2, 2]
-    assert [int(v) for v in te.images[:, 0, 0, 0]] == [1, 2, 0, 3]
+    assert spec.class_names == tuple(sorted(wnids))
+    assert tr.images.shape == (200, 3, 64, 64) and tr.labels.tolist() == list(range(200))
+    assert te.labels.tolist() == sorted([3, 1, 2, 3] + list(range(200)))  # class-major
+    # within a class, files sort by name: class 3 holds val_0 (value 0), val_3 (value 3), val_200 (value 200)
+    assert [int(v) for v in te.images[te.labels == 3, 0, 0, 0]] == [0, 200, 3]
+
+
+def test_named_datasets_check_their_class_count(tmp_path, cache):
+    """A 202-class tree is not TinyImageNet, a 3-class tree not ImageNet: one line pointing at ImageFolder."""
+    _tiny_tree(tmp_path / "tiny-imagenet-200", [f"n{k:03d}" for k in range(202)], ["n000"])
+    with pytest.raises(UserError, match=r"TinyImageNet: expected 200 class folders in .*train, found 202; "
+                                        r"for another tree use --dataset ImageFolder"):
+        load_split("TinyImageNet", tmp_path, "train", progress=False)
+    for w in ("n01", "n02", "n03"):
+        save_png(tmp_path / "inet" / "train" / w / "a.JPEG", rand_images(1, 3, 8)[0])
+    with pytest.raises(UserError, match=r"ImageNet: expected 1000 class folders in .*train, found 3"):
+        load_split("ImageNet", tmp_path / "inet", "train", progress=False)
+    for c in CIFAR10_CLASSES[:9]:
+        save_png(tmp_path / "c10" / "train" / c / "a.png", rand_images(1, 3, 32)[0])
+    with pytest.raises(UserError, match=r"CIFAR10: class folders in .* do not match its 10 classes .*found 9"):
+        load_split("CIFAR10", tmp_path / "c10", "train", progress=False)
 
 
 def test_imagenet_subset_picks_listed_wnids_in_order(tmp_path, cache):

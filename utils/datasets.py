@@ -315,6 +315,9 @@ def _read_tiny(spec: DatasetSpec, root: Path, split: str, download: bool) -> Fil
     if base is None:
         raise _missing(spec, "'train/<wnid>/images/' (tiny-imagenet-200 layout)", [root, root / "tiny-imagenet-200"])
     wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    if len(wnids) != spec.num_classes:
+        raise UserError(f"{spec.name}: expected {spec.num_classes} class folders in {base / 'train'}, found "
+                        f"{len(wnids)}; for another tree use --dataset ImageFolder")
     if (base / "wnids.txt").is_file():
         listed = sorted((base / "wnids.txt").read_text().split())
         if listed != wnids:
@@ -338,7 +341,6 @@ def _read_tiny(spec: DatasetSpec, root: Path, split: str, download: bool) -> Fil
             files_by_class = {w: _list_images(val / w) for w in wnids}
         else:
             raise _missing(spec, "val/val_annotations.txt or val/<wnid>/ folders", val)
-    # Classes are whatever wnids the tree holds (200 in the official release; fewer in test fixtures).
     return _file_split(replace(spec, class_names=tuple(wnids), num_classes=len(wnids)), files_by_class, base, None)
 
 
@@ -352,7 +354,8 @@ def _read_imagenet(spec: DatasetSpec, root: Path, split: str, download: bool) ->
     if missing:
         raise UserError(f"{spec.name}: {len(missing)} class folders missing in {d} (e.g. {missing[0]})")
     if not spec.wnids and len(wnids) != spec.num_classes:
-        raise UserError(f"{spec.name}: expected {spec.num_classes} class folders in {d}, found {len(wnids)}")
+        raise UserError(f"{spec.name}: expected {spec.num_classes} class folders in {d}, found {len(wnids)}; "
+                        "for another tree use --dataset ImageFolder")
     files_by_class = {w: _list_images(d / w) for w in wnids}
     return _file_split(replace(spec, class_names=tuple(wnids), num_classes=len(wnids)), files_by_class, d, None)
 
