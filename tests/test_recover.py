@@ -397,3 +397,17 @@ def test_bench_naive_loop_is_the_same_algorithm(tmp_path, method):
     assert torch.allclose(ours, naive, atol=1e-4)
     if method == "dwa":   # the naive loop leaves its perturbation in place (the reference reloads the teacher)
         assert not all(torch.equal(p, b) for p, b in zip(t.net.parameters(), before))
+
+
+def test_tiny_presets_follow_the_original_scripts():
+    """The Tiny-ImageNet rows against the originals' scripts: SRe2L recover_tiny.sh (lr 0.1, r-bn 1, 4000 iterations,
+    batch 100, jitter 4 both ways), DWA run_tiny.sh (lr 0.1, r-bn 0.01, 2000 iterations, batch 200, K 12, rho 15e-3,
+    r-var 11); DELT publishes no Tiny script, so its row takes SRe2L's Tiny lr and r-bn as its comment says."""
+    sre2l = R.resolve_config("sre2l-tiny", {}, 50)
+    assert (sre2l.lr, sre2l.r_bn, sre2l.iterations, sre2l.batch_size, sre2l.jitter, sre2l.jitter_mode) == \
+        (0.1, 1.0, 4000, 100, 4, "symmetric")
+    dwa = R.resolve_config("dwa-tiny", {}, 50)
+    assert (dwa.lr, dwa.r_bn, dwa.iterations, dwa.batch_size, dwa.dwa_steps, dwa.rho, dwa.r_var) == \
+        (0.1, 0.01, 2000, 200, 12, 15e-3, 11.0)
+    delt = R.resolve_config("delt-tiny", {}, 50)
+    assert (delt.method, delt.lr, delt.r_bn) == ("delt", sre2l.lr, sre2l.r_bn)
