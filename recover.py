@@ -1039,7 +1039,7 @@ def main(
     shard_index: Optional[int] = _O(None, "--shard-index", help="This shard of the work list (default: the "
                                     "Slurm array task, or the torchrun rank)."),
     num_shards: Optional[int] = _O(None, "--num-shards", help="Number of shards (with --shard-index)."),
-    init_path: Optional[Path] = _O(None, "--init-path", "--init_path", help="Real initial images (DWA, DELT): "
+    init_path: Optional[Path] = _O(None, "--init-path", "--init_path", "--init-data-path", help="Real initial images (DWA, DELT): "
                                    "rank_select.py output, any ImageFolder, or tensor_<k>.pt files."),
     iterations: Optional[int] = _O(None, "--iterations", "--iteration", help="Iterations per unit (DELT: the "
                                    "budget of the earliest images)."),
@@ -1063,7 +1063,7 @@ def main(
     jitter_mode: Optional[str] = _O(None, "--jitter-mode", help="positive: shifts in 0..J; symmetric: -J..J."),
     rrc_antialias: Optional[bool] = _O(None, "--rrc-antialias/--no-rrc-antialias", help="Antialias the crop "
                                        "resize (torchvision >= 0.17 default; the references ran without)."),
-    crop_schedule: Optional[str] = _O(None, "--crop-schedule", "--scheduler", help="DELT crop floor: none, step, "
+    crop_schedule: Optional[str] = _O(None, "--crop-schedule", "--scheduler", "--easy2hard-mode", help="DELT crop floor: none, step, "
                                       "linear, cosine."),
     milestone: Optional[float] = _O(None, "--milestone", help="Fraction of the unit over which the crop floor "
                                     "decays (DELT: 1)."),
@@ -1101,9 +1101,20 @@ def main(
     quiet: bool = _O(False, "--quiet", help="No progress bars."),
     store_best_images: bool = _O(True, "--store-best-images/--no-store-best-images", hidden=True,
                                  help="Accepted for the references' command lines; images are always stored."),
+    store_last_images: bool = _O(False, "--store-last-images", hidden=True,
+                                 help="Accepted for SRe2L's Tiny command line; the last iterate is what is stored."),
     verifier: bool = _O(False, "--verifier", hidden=True, help="Accepted for the references' command lines."),
+    verifier_arch: Optional[str] = _O(None, "--verifier-arch", hidden=True, help="Accepted with --verifier."),
+    verifier_arch_path: Optional[str] = _O(None, "--verifier-arch-path", hidden=True,
+                                           help="Accepted with --verifier."),
+    exp_name: Optional[str] = _O(None, "--exp-name", "--exp_name", help="The references' run name: the images go "
+                                 "to --out/<name> (their --syn-data-path/--exp-name)."),
 ):
-    del store_best_images, verifier
+    del store_best_images, store_last_images, verifier, verifier_arch, verifier_arch_path
+    if exp_name is not None:
+        if not exp_name.strip() or Path(exp_name).name != exp_name or exp_name in (".", ".."):
+            raise UserError(f"--exp-name must be a plain folder name, got '{exp_name}'")
+        out = out / exp_name
     require_at_least({"--ipc": ipc, "--ipc-end": ipc_end, "--num-shards": num_shards, "--iterations": iterations,
                       "--batch-size": batch_size})
     require_at_least({"--ipc-start": ipc_start}, least=0)
@@ -1133,6 +1144,9 @@ def main(
     cfg = resolve_config(preset, overrides, ipc_total)
     if preset is not None and method != "sre2l" and method != cfg.method:
         raise UserError(f"--method {method} contradicts --preset {preset} ({cfg.method})")
+    check_method_flags(cfg, dict(dwa_steps=dwa_steps, rho=rho, reference_quirks=reference_quirks,
+                                 round_iterations=round_iterations, min_iterations=min_iterations,
+                                 early_late=early_late or None, init_path=init_path))
     amp_mode = resolve_recover_amp(amp, dev, cfg)
     index, count = resolve_shard(shard_index, num_shards, info)
     summary = recover(cfg, teacher, teacher_path, out, ipc_range=(ipc_start, ipc_end),
@@ -1148,6 +1162,26 @@ def main(
     cleanup(info)
     if not quiet:
         print(json.dumps(summary))
+
+
+# Flags that mean something for one method only: given to another, they would be ignored without a word (a DWA
+# command line without --method dwa would run SRe2L), so they are refused. init_path: any real initialisation.
+METHOD_ONLY_FLAGS = {"dwa_steps": ("--steps", "dwa"), "rho": ("--rho", "dwa"),
+                     "reference_quirks": ("--reference-quirks", "dwa"),
+                     "round_iterations": ("--round-iterations", "delt"), "min_iterations": ("--min-iterations", "delt"),
+                     "early_late": ("--use-early-late", "delt")}
+
+
+def check_method_flags(cfg: RecoverConfig, given: dict) -> None:
+    """One-line error for a method-specific flag given (not None) to another method, or --init-path with noise
+    initialisation."""
+    for key, (flag, owner) in METHOD_ONLY_FLAGS.items():
+        if given.get(key) is not None and cfg.method != owner:
+            raise UserError(f"{flag} is a {owner.upper()} setting but the method is {cfg.method}: add --method "
+                            f"{owner} (or a --preset {owner}-...)")
+    if given.get("init_path") is not None and cfg.init != "real":
+        raise UserError(f"--init-path is for real initialisation, but {cfg.method} starts from noise here: add "
+                        "--method dwa or delt (or --init real)")
 
 
 # Method defaults when no --preset is given: the CIFAR-scale settings of each paper (§3.2, §4.5, §5.6).

@@ -337,6 +337,13 @@ def test_other_run_in_out_is_refused(tmp_path):
     (["--method", "dwa", "--ipc", 1], "--init-path"),
     (["--method", "nope", "--ipc", 1], "--method"),
     (["--preset", "nope", "--ipc", 1], "unknown recover preset"),
+    # a DWA command line without --method dwa would silently run SRe2L
+    (["--steps", 12, "--rho", 0.015, "--ipc", 1], "--steps is a DWA setting but the method is sre2l: add --method dwa"),
+    (["--rho", 0.015, "--ipc", 1], "--rho is a DWA setting but the method is sre2l"),
+    (["--method", "dwa", "--round-iterations", 5, "--ipc", 1], "--round-iterations is a DELT setting but the method "
+                                                               "is dwa: add --method delt"),
+    (["--init-path", "somewhere", "--ipc", 1], "--init-path is for real initialisation, but sre2l starts from noise"),
+    (["--exp-name", "../up", "--ipc", 1], "--exp-name must be a plain folder name"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     tp = _teacher_file(tmp_path)
@@ -411,3 +418,19 @@ def test_tiny_presets_follow_the_original_scripts():
         (0.1, 0.01, 2000, 200, 12, 15e-3, 11.0)
     delt = R.resolve_config("delt-tiny", {}, 50)
     assert (delt.method, delt.lr, delt.r_bn) == ("delt", sre2l.lr, sre2l.r_bn)
+
+
+def test_dwa_command_line_of_the_original_runs(tmp_path):
+    """DWA's run_cifar.sh spelling (plus --teacher and --method dwa) works; --exp-name puts the images in
+    --syn-data-path/<name> as the original does."""
+    tp = _teacher_file(tmp_path)
+    init = _init_folder(tmp_path)
+    r = _run(["--teacher", tp, "--method", "dwa", "--iteration", 2, "--r-bn", 0.01, "--batch-size", 4, "--lr", 0.25,
+              "--exp-name", "distillation-ipc1", "--store-best-images", "--syn-data-path", tmp_path / "syn_data",
+              "--init-path", init, "--steps", 2, "--rho", 15e-3, "--ipc-start", 0, "--ipc-end", 1, "--r-var", 11,
+              "--quiet"])
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "syn_data" / "distillation-ipc1"
+    assert sorted(_files(out)) == [f"new{c:03d}/class{c:03d}_id000.jpg" for c in range(4)]
+    cfg = json.loads((out / "meta.json").read_text())["config"]
+    assert (cfg["method"], cfg["dwa_steps"], cfg["rho"], cfg["r_var"], cfg["iterations"]) == ("dwa", 2, 15e-3, 11.0, 2)
