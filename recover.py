@@ -1039,7 +1039,8 @@ def main(
     shard_index: Optional[int] = _O(None, "--shard-index", help="This shard of the work list (default: the "
                                     "Slurm array task, or the torchrun rank)."),
     num_shards: Optional[int] = _O(None, "--num-shards", help="Number of shards (with --shard-index)."),
-    init_path: Optional[Path] = _O(None, "--init-path", "--init_path", "--init-data-path", help="Real initial images (DWA, DELT): "
+    init_path: Optional[Path] = _O(None, "--init-path", "--init_path", "--init-data-path",
+                                   help="Real initial images (DWA, DELT): "
                                    "rank_select.py output, any ImageFolder, or tensor_<k>.pt files."),
     iterations: Optional[int] = _O(None, "--iterations", "--iteration", help="Iterations per unit (DELT: the "
                                    "budget of the earliest images)."),
@@ -1063,8 +1064,8 @@ def main(
     jitter_mode: Optional[str] = _O(None, "--jitter-mode", help="positive: shifts in 0..J; symmetric: -J..J."),
     rrc_antialias: Optional[bool] = _O(None, "--rrc-antialias/--no-rrc-antialias", help="Antialias the crop "
                                        "resize (torchvision >= 0.17 default; the references ran without)."),
-    crop_schedule: Optional[str] = _O(None, "--crop-schedule", "--scheduler", "--easy2hard-mode", help="DELT crop floor: none, step, "
-                                      "linear, cosine."),
+    crop_schedule: Optional[str] = _O(None, "--crop-schedule", "--scheduler", "--easy2hard-mode",
+                                      help="DELT crop floor: none, step, linear, cosine."),
     milestone: Optional[float] = _O(None, "--milestone", help="Fraction of the unit over which the crop floor "
                                     "decays (DELT: 1)."),
     init: Optional[str] = _O(None, "--init", help="noise or real (default: by method)."),

@@ -741,8 +741,9 @@ app = typer.Typer(add_completion=False, context_settings={"help_option_names": [
 @app.command()
 @cli_errors
 def main(
-    syn: Optional[Path] = typer.Option(None, "--syn", "--syn-path", help="Synthetic set: a ddtoolkit directory, or "
-                                       "a legacy MTT images_*.pt folder, IDC data.pt or SRe2L-style ImageFolder."),
+    syn: Optional[Path] = typer.Option(None, "--syn", "--syn-path", "--syn-data-path", "--train-dir",
+                                       help="Synthetic set: a ddtoolkit directory, or a legacy MTT images_*.pt "
+                                       "folder, IDC data.pt or SRe2L-style ImageFolder."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name (default: the set's "
                                           "meta.json). E.g. FashionMNIST, CIFAR10, TinyImageNet, imagenette."),
     data_path: Path = typer.Option(Path("data"), "--data-path", "--data_path", help="Folder with the raw dataset "
@@ -858,9 +859,10 @@ def main(
                                            "the student defaults to the teacher's architecture. Test accuracy is "
                                            "measured once after the last epoch (reported: last); the references "
                                            "report the best of their periodic test evaluations instead (§6.6)."),
-    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", "--arch-name", help="Architecture of a "
-                                               "foreign teacher checkpoint (SRe2L/DWA ckpt.pth, RDED .pth, "
-                                               "torchvision state_dict), e.g. resnet18_modified, conv4."),
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", "--arch-name", "--teacher-model",
+                                               help="Architecture of a foreign teacher checkpoint (SRe2L/DWA "
+                                               "ckpt.pth, RDED .pth, torchvision state_dict), e.g. "
+                                               "resnet18_modified, conv4."),
     teacher_norm: Optional[str] = typer.Option(None, "--teacher-norm", help="Normalisation of a foreign teacher: "
                                                "imagenet, cifar10, cifar10-true, cifar100, tiny (default: the "
                                                "dataset's)."),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.datasets import (CIFAR10_CLASSES, IMAGENET_SUBSETS, get_dataset_spec, list_datasets, load_split, normalize, denormalize,
-                            to_pixels)
+from utils.datasets import (CIFAR10_CLASSES, IMAGENET_SUBSETS, get_dataset_spec, list_datasets, load_split,
+                            normalize, denormalize, to_pixels)
 from utils.errors import UserError
 
 
