@@ -46,6 +46,7 @@ import typer
 
 from networks import EVAL_POOLS, get_network
 from networks.registry import eval_pool
+from utils import ddranking
 from utils.checkpoint import capture_rng, load_state, restore_rng, save_state
 from utils.coreset import herding_indices
 from utils.datasets import (IMAGENET_SUBSETS, DatasetSpec, FileDataset, dataset_labels, load_split, normalize,
@@ -698,6 +699,11 @@ def validate_kd(images: torch.Tensor | None, labels: torch.Tensor | None, spec: 
             if b == "full":
                 res[b] = train_arm_kd(b, model, *train.tensors, spec, replace(recipe, epochs=full_epochs), seeds,
                                       score, device, log, soft_targets=soft, **kw)
+                if hard_labels:  # DD-Ranking's HLR compares hard-label arms: the full data with cross-entropy too
+                    res["full_hard_label"] = train_arm_kd("full_hard_label", model, *train.tensors, spec,
+                                                          replace(recipe, epochs=full_epochs), seeds, score,
+                                                          device, log, **kw)
+                    res["full_hard_label"]["teacher"] = None
             else:
                 res[b] = train_arm_kd(b, model, None, None, spec, recipe, seeds, score, device, log,
                                       soft_targets=soft, pick=pick_random if b == "random" else pick_herding, **kw)
@@ -1053,11 +1059,21 @@ def main(
               "test_images": len(test[1]) if isinstance(test, tuple) else len(test), "seconds": round(time.time() - t0, 1),
               **by_model[base_model], "by_model": by_model, "config": config,
               "note": "test accuracy after the last epoch (fractions); std = population std over runs"}
+    # the set's arm trains on its hard labels here, so it is also DD-Ranking's hard-label synthetic arm
+    report["dd_ranking"] = {m: ddranking.scores(arms, syn_hard="syn", full_hard="full")
+                            for m, arms in by_model.items()}
     atomic_write_json(report, results)
     for m, arms in by_model.items():
         for arm, s in arms.items():
             print(f"{m:14s} {arm:7s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f} %  ({len(s['runs'])} runs)")
+    _print_dd_ranking(report["dd_ranking"])
     print(f"results: {results}")
+
+
+def _print_dd_ranking(by_model: dict) -> None:
+    for m, result in by_model.items():
+        if result:
+            print(ddranking.format_line(m, result))
 
 
 def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
@@ -1282,10 +1298,13 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
                       "test set, unlike the references' best-of-epochs, decoupled.md §6.6); std = population std "
                       "over runs; diversity_cosine = mean over classes of the mean pairwise cosine similarity of "
                       "the teacher's penultimate features (lower = more diverse)"}
+    report["dd_ranking"] = {m: ddranking.scores(arms, syn_hard="hard_label", full_hard="full_hard_label")
+                            for m, arms in by_model.items()}
     atomic_write_json(report, results)
     for m, arms in by_model.items():
         for arm, s in arms.items():
             print(f"{m:14s} {arm:10s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f} %  ({len(s['runs'])} runs)")
+    _print_dd_ranking(report["dd_ranking"])
     print(f"results: {results}")
 
 

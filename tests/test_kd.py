@@ -493,6 +493,9 @@ def test_cli_kd_report_random_baseline_same_teacher_hard_labels_and_first_ipc(kd
     assert kdc["recipe"]["t_squared"] is True and kdc["teacher_mean"] == list(IMAGENET_MEAN)
     rows = list(csv.DictReader(open(kd_files / "r.csv")))
     assert [r["arm"] for r in rows] == ["syn", "hard_label", "random"]
+    dd = rep["dd_ranking"][ARCH]  # no full-data arm: IOR only (HLR/LRS need --baseline full)
+    assert set(dd) == {"IOR", "roles"} and dd["roles"]["syn_hard"] == "hard_label"
+    assert dd["IOR"]["runs"] == pytest.approx([rep["syn"]["runs"][0] - rep["random"]["runs"][0]])
     assert {r["n_train"] for r in rows} == {"12"}  # --ipc 3: the first 3 of the 4 files per class
 
 
@@ -588,3 +591,27 @@ def test_torchrun_two_gloo_ranks_train_one_student_and_write_once(kd_files):
     assert rep["config"]["kd"]["world_size"] == 2 and rep["syn"]["mean"] > 0.5  # chance 0.25
     assert len((out / "r.csv").read_text().strip().splitlines()) == 2  # header + the one run
     assert sorted(f.name for f in out.iterdir()) == ["r.csv", "r.json"]
+
+
+def test_hard_labels_with_full_baseline_add_a_hard_label_full_arm_for_hlr(toy):
+    """KD protocol: --hard-labels with --baseline full also trains the full split with cross-entropy, so
+    DD-Ranking's HLR compares two hard-label arms; the full KD arm still uses the teacher."""
+    from dataclasses import replace
+    from utils import ddranking
+    from utils.misc import RunLog
+    protos, teacher = toy
+    x, y = sample(protos, 2, seed=6)
+    train = sample(protos, 4, seed=7)
+    test = sample(protos, 3, seed=8)
+    spec = replace(get_dataset_spec("ImageFolder"), num_classes=C, resolution=R)
+    log = RunLog(None, quiet=True)
+    out = validate.validate_kd(x, y, spec, train, test, models=[ARCH], recipe_for=lambda m: small_recipe(epochs=2),
+                               teacher=teacher, norm=(IMAGENET_MEAN, IMAGENET_STD), baselines=["random", "full"],
+                               runs=1, seed=3, ipc=2, device=torch.device("cpu"), log=log, hard_labels=True,
+                               full_epochs=1)
+    res = out[ARCH]
+    assert set(res) == {"syn", "hard_label", "random", "full", "full_hard_label"}
+    assert res["full_hard_label"]["teacher"] is None and [r["arm"] for r in log.rows][-1] == "full_hard_label"
+    dd = ddranking.scores(res, syn_hard="hard_label", full_hard="full_hard_label")
+    assert dd["HLR"]["runs"] == pytest.approx([res["full_hard_label"]["runs"][0] - res["hard_label"]["runs"][0]])
+    assert 0 <= dd["LRS"]["mean"] <= 1

@@ -78,6 +78,15 @@ def test_cli_end_to_end_report_and_repeatability(mnist, tmp_path):
     assert rep["syn"]["mean"] > 0.3  # ten easy classes: well above chance (0.1) after 15 epochs
     rows = (tmp_path / "a.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6 and rows[0].startswith("model,arm,seed")
+    # DD-Ranking's scores are its formulas applied to these runs, paired by seed (the set arm is hard-label here)
+    dd = rep["dd_ranking"]["ConvNet-1"]
+    syn, rnd, full = rep["syn"]["runs"], rep["random"]["runs"], rep["full"]["runs"]
+    assert dd["IOR"]["runs"] == pytest.approx([s - r for s, r in zip(syn, rnd)])
+    assert dd["HLR"]["runs"] == pytest.approx([f - s for f, s in zip(full, syn)])
+    squash = lambda x: (np.exp(x) - np.exp(-1)) / (np.e - np.exp(-1))  # noqa: E731
+    assert dd["LRS"]["runs"] == pytest.approx([squash(0.5 * (s - r) - 0.5 * (f - s))
+                                               for s, r, f in zip(syn, rnd, full)])
+    assert dd["IOR"]["mean"] == pytest.approx(np.mean(dd["IOR"]["runs"])) and "ARS" not in dd
     # the same command again gives the same numbers (explicit seeds everywhere)
     r2 = CliRunner().invoke(validate.app, args + ["--results", str(tmp_path / "b.json")])
     assert r2.exit_code == 0
