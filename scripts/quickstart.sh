@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Main job on an offline dataset, from a fresh clone, on CPU in about ten minutes:
+# Main job on an offline dataset, from a fresh clone, on CPU (measured times: docs/RESULTS.md, "README quick start"):
 #   1. install the requirements into .venv and Fashion-MNIST from Debian (if missing);
 #   2. condense Fashion-MNIST to 1 stored image per class with IDC (multi-formation factor 2, so 4 decoded
 #      training images per class), at CPU scale: 100 training images per class, 25 x 5 iterations;
 #   3. validate it with IDC's evaluation protocol (200 epochs instead of 1000): train fresh ConvNet-3s on it and,
 #      with the same recipe and seeds, on random real subsets of 1 image per class, and print both accuracies.
+# Re-running the same command continues where an interrupted run stopped (finished steps are skipped);
+# FRESH=1 deletes this script's earlier outputs in $OUT and starts again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "quickstart: about 6 minutes on a 2-core CPU once .venv is installed (measured; docs/RESULTS.md)"
 source scripts/setup_env.sh requirements.txt
 DATA="${DATA:-/usr/share/datasets/fashion-mnist}"
 if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ] && [ "$DATA" = /usr/share/datasets/fashion-mnist ]; then
@@ -18,10 +21,26 @@ if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ] && [ "$DATA" = /usr/share/dataset
   fi
 fi
 OUT="${OUT:-runs/quickstart}"
+SET="$OUT/idc_fmnist_ipc1"
+RESULTS="$OUT/idc_fmnist_ipc1.json"
+FRESH_FLAG=()
+if [ "${FRESH:-0}" = 1 ]; then FRESH_FLAG=(--overwrite); fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+start=$(date +%s)
+echo "step 1/2: condense.py (IDC) -> $SET"
 python condense.py -d FashionMNIST --data-path "$DATA" --ipc 1 -f 2 --reproduce --train-subset 100 \
   --outer-iterations 25 --inner-loop 5 --batch-real 16 --n-data 64 --lr-img 1e-3 --seed 0 \
-  --out "$OUT/idc_fmnist_ipc1" --overwrite
-python validate.py --syn "$OUT/idc_fmnist_ipc1" --data-path "$DATA" --preset idc --epochs 200 --runs 3 --seed 0 \
-  --train-subset 100 --baseline random --results "$OUT/idc_fmnist_ipc1.json" --overwrite
-echo "grids of the set: $OUT/idc_fmnist_ipc1/grid_stored.png (stored), $OUT/idc_fmnist_ipc1/grid.png (decoded)"
+  --out "$SET" ${FRESH_FLAG[@]+"${FRESH_FLAG[@]}"}
+echo "step 2/2: validate.py (IDC protocol, 200 epochs, 3 runs, random baseline) -> $RESULTS"
+python validate.py --syn "$SET" --data-path "$DATA" --preset idc --epochs 200 --runs 3 --seed 0 \
+  --train-subset 100 --baseline random --results "$RESULTS" ${FRESH_FLAG[@]+"${FRESH_FLAG[@]}"}
+echo
+echo "quickstart finished in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s. Files:"
+echo "  python environment:  $(pwd)/.venv"
+echo "  Fashion-MNIST:       $DATA"
+echo "  synthetic set:       $SET/ (synset.pt, meta.json; grid_stored.png = the stored images, grid.png = decoded)"
+echo "  condense log:        $SET/log.csv"
+echo "  accuracies (JSON):   $RESULTS (per run, per arm, DD-Ranking scores under \"dd_ranking\")"
+echo "  accuracies (CSV):    ${RESULTS%.json}.csv (one row per finished run: a re-run skips them)"
+echo "everything under $OUT:"
+find "$OUT" -type f -printf '  %p (%s bytes)\n' | sort
