@@ -308,3 +308,36 @@ def test_torchrun_ranks_stop_after_the_same_step_when_one_rank_is_signalled(data
     assert f"after step {st['step']} of epoch {st['epoch'] + 1} " in stops[0] if st["step"] else \
         f"after epoch {st['epoch']} " in stops[0]
     assert st["stats"][2] == 8 * st["step"]   # the running sums of both ranks' slices (batch 8 = 2 x 4)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the template finds torchrun's workers through /proc")
+def test_torchrun_sbatch_requeue_stops_the_workers_without_a_traceback(data, env, tmp_path):
+    """scripts/slurm/torchrun.sbatch as Slurm runs it: USR1 to the batch shell requeues the job; SIGTERM reaches the
+    torchrun workers (each in a session of its own), which checkpoint after the same step and exit 0, so torchrun
+    ends cleanly: the job's log holds the stop lines and no Python traceback."""
+    import sys
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol calls"
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (fake_bin / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+    for f in fake_bin.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "ddp.pt"
+    job_env = {**env, "SLURM_JOB_ID": "91", "SLURM_SUBMIT_DIR": str(ROOT), "GPUS": "2",
+               "PATH": f"{fake_bin}:{env['PATH']}"}
+    job = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / "torchrun.sbatch"), "squeeze.py",
+                            *flags(data, out, batch_size=8)], cwd=ROOT, env=job_env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    end = time.time() + 180
+    while not ckpt_of(out).exists():   # epoch 1 is on disk: both ranks are training
+        assert job.poll() is None and time.time() < end, job.communicate()[0][-3000:]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    log, _ = job.communicate(timeout=150)
+    assert job.returncode == 0, log[-3000:]
+    assert calls.read_text().split() == ["requeue", "91"]
+    assert "Traceback" not in log and "ChildFailedError" not in log and "SignalException" not in log, log[-3000:]
+    stops = [ln for ln in log.splitlines() if ln.startswith("stopped by ")]
+    assert len(stops) == 2 and stops[0].split("written after ")[1] == stops[1].split("written after ")[1], log
+    assert torch.load(ckpt_of(out), weights_only=True)["epoch"] >= 1 and not out.exists()

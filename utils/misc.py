@@ -94,9 +94,15 @@ def user_message(e: UserError) -> str:
     return " ".join(text.split("\n"))
 
 
+def _stop_exit_status() -> int:
+    value = os.environ.get("DDT_STOP_EXIT_STATUS", "").strip()
+    return int(value) if value.isdigit() and int(value) < 256 else 143
+
+
 def cli_errors(fn: Callable) -> Callable:
     """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2; a stop request
-    honoured at a safe point (utils.signals.Stopped) one line and exit status 143."""
+    honoured at a safe point (utils.signals.Stopped) one line and exit status 143, or DDT_STOP_EXIT_STATUS when set
+    (scripts/slurm/torchrun.sbatch sets 0: torchrun then ends as after a finished run, without a traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -106,7 +112,7 @@ def cli_errors(fn: Callable) -> Callable:
             raise SystemExit(2)
         except Stopped as e:  # SIGTERM/SIGUSR1 honoured at a safe point (utils/signals.py)
             print(f"{e}", file=sys.stderr)
-            raise SystemExit(143)
+            raise SystemExit(_stop_exit_status())
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
