@@ -29,11 +29,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 start=$(date +%s)
 echo "step 1/2: condense.py (IDC) -> $SET"
 python condense.py -d FashionMNIST --data-path "$DATA" --ipc 1 -f 2 --reproduce --train-subset 100 \
-  --outer-iterations 25 --inner-loop 5 --batch-real 16 --n-data 64 --lr-img 1e-3 --seed 0 \
-  --out "$SET" ${FRESH_FLAG[@]+"${FRESH_FLAG[@]}"}
+  --outer-iterations 25 --inner-loop 5 --batch-real 16 --n-data 64 --lr-img 1e-3 --seed 0 --ckpt-every 1 \
+  --out "$SET" "${FRESH_FLAG[@]}"
 echo "step 2/2: validate.py (IDC protocol, 200 epochs, 3 runs, random baseline) -> $RESULTS"
 python validate.py --syn "$SET" --data-path "$DATA" --preset idc --epochs 200 --runs 3 --seed 0 \
-  --train-subset 100 --baseline random --results "$RESULTS" ${FRESH_FLAG[@]+"${FRESH_FLAG[@]}"}
+  --train-subset 100 --baseline random --results "$RESULTS" "${FRESH_FLAG[@]}"
 echo
 echo "quickstart finished in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s. Files:"
 echo "  python environment:  $(pwd)/.venv"

@@ -13,7 +13,7 @@
 #   the class median, ranked once per teacher into $RANKING (re-used by the other rows of that teacher) and copied
 #   to $OUT/init.
 # 3. Recover (recover.py --preset delt-tiny, §5.6) into $OUT/syn: 4000 iterations, Adam lr 0.1 (cosine), batch 100
-#   (images per unit, class-major), r-bn 0.01, first-BN x10, aug RRC(crop floor cosine 1 -> 0.08) + flip, init real
+#   (images per unit, class-major), r-bn 1, first-BN x10, aug RRC(crop floor cosine 1 -> 0.08) + flip, init real
 #   (center resize).
 #   IPC 1 runs without EarlyLate (DELT's IPC-1 scripts; they also try 1K-3K iterations).
 # 4. Validate (validate.py --preset delt, §6): student $MODEL learns the teacher's soft labels (300 epochs, batch

@@ -13,8 +13,8 @@
 #   to the class median, ranked once per teacher into $RANKING (re-used by the other rows of that teacher) and
 #   copied to $OUT/init.
 # 3. Recover (recover.py --preset delt-tiny, §5.6) into $OUT/syn: 4000 iterations in EarlyLate rounds of 500, Adam
-#   lr 0.1 (cosine), batch 100 (images per unit, class-major), r-bn 0.01, first-BN x10, aug RRC(crop floor cosine 1
-#   -> 0.08) + flip, init real (center resize).
+#   lr 0.1 (cosine), batch 100 (images per unit, class-major), r-bn 1, first-BN x10, aug RRC(crop floor cosine 1 ->
+#   0.08) + flip, init real (center resize).
 # 4. Validate (validate.py --preset delt, §6): student $MODEL learns the teacher's soft labels (300 epochs, batch
 #   100, AdamW lr 0.001 wd 0.01, half-cosine schedule, T 20, cutmix every batch, RRC(0.25-1) + flip + RandAugment,
 #   teacher BN eval); RUNS students with seeds SEED..SEED+RUNS-1 (DELT used seeds 3407, 4663, 2897; validate.py
