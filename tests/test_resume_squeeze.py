@@ -326,9 +326,12 @@ def test_torchrun_sbatch_requeue_stops_the_workers_without_a_traceback(data, env
     out = tmp_path / "ddp.pt"
     job_env = {**env, "SLURM_JOB_ID": "91", "SLURM_SUBMIT_DIR": str(ROOT), "GPUS": "2",
                "PATH": f"{fake_bin}:{env['PATH']}"}
-    job = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / "torchrun.sbatch"), "squeeze.py",
-                            *flags(data, out, batch_size=8)], cwd=ROOT, env=job_env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    # 400 epochs: the run is still training when the signal comes (a worker that has already finished, or is
+    # still starting, dies from SIGTERM and torchrun reports it: the template's comment says so)
+    sbatch = ["bash", str(ROOT / "scripts" / "slurm" / "torchrun.sbatch"), "squeeze.py",
+              *flags(data, out, batch_size=8, epochs=400)]
+    job = subprocess.Popen(sbatch, cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
     end = time.time() + 180
     while not ckpt_of(out).exists():   # epoch 1 is on disk: both ranks are training
         assert job.poll() is None and time.time() < end, job.communicate()[0][-3000:]
