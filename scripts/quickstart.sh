@@ -9,7 +9,7 @@
 # FRESH=1 deletes this script's earlier outputs in $OUT and starts again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "quickstart: about 6 minutes on a 2-core CPU once .venv is installed (measured; docs/RESULTS.md)"
+echo "quickstart: about 6 minutes on an idle 2-core CPU, much longer on a busy one (measured: docs/RESULTS.md)"
 source scripts/setup_env.sh requirements.txt
 DATA="${DATA:-/usr/share/datasets/fashion-mnist}"
 if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ] && [ "$DATA" = /usr/share/datasets/fashion-mnist ]; then
