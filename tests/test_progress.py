@@ -144,4 +144,4 @@ def test_stage_under_a_pipe_writes_no_carriage_return(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "decoding 4 images once" in r.stderr
-    assert torch.load(next((tmp_path / "c").glob("*.pt")), weights_only=True).shape == (4, 3, 8, 8)
+    assert torch.load(next((tmp_path / "c").glob("*.pt")), weights_only=True)["images"].shape == (4, 3, 8, 8)
