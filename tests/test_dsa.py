@@ -204,10 +204,10 @@ def test_identity_warps_and_quarter_turn():
         out = dsa.apply(x, [("scale", {"sx": one, "sy": one}), ("rotate", {"angle": torch.zeros(1)})])
         torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
     # With align_corners=True a 90-degree turn of a square image is an exact pixel permutation:
-    # the grid [[cos, sin], [-sin, cos]] gives out[i, j] = x[W-1-j, i].
+    # the originals' grid [[cos, -sin], [sin, cos]] gives out[i, j] = x[j, W-1-i].
     dsa = DSA("rotate", mode="all", params=DSAParams(align_corners=True))
     out = dsa.apply(x, [("rotate", {"angle": torch.tensor([math.pi / 2])})])
-    torch.testing.assert_close(out, torch.rot90(x, k=-1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-5, rtol=0)
 
 
 def test_scale_shrinks_content_with_zero_padding():

@@ -221,9 +221,11 @@ def _scale(x: Tensor, sx: Tensor, sy: Tensor, align_corners: bool) -> Tensor:
 
 
 def _rotate(x: Tensor, angle: Tensor, align_corners: bool) -> Tensor:
-    """Rotate the sampling grid by angle radians, [[cos, sin], [-sin, cos]] (speed.md §1.4 rotate)."""
+    """Rotate the sampling grid by angle radians, [[cos, -sin], [sin, cos]] (speed.md §1.4 rotate): the matrix
+    of the originals (DSA/MTT's rand_rotate and IDC's DiffAug both build [[cos a, sin(-a)], [sin a, cos a]]), so
+    the same drawn angle turns the image the same way as theirs (bench/parity.py checks it)."""
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     return _warp(x, theta, align_corners)
 
 
