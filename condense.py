@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import typer
 
 from networks import get_network
-from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize
+from utils.curves import Curves, check_eval_every, short_eval
+from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
@@ -822,6 +823,13 @@ def main(
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
     amp: str = _O("off", "--amp", help=AMP_HELP + " condense: off or bf16."),
+    eval_every: int = _O(0, "--eval-every", help="Every N outer iterations (and after the last), train a fresh "
+                         "network --eval-epochs epochs on the set as it stands and log its test accuracy (eval_acc "
+                         "in log.csv; the set is the same as without it). 0: never."),
+    eval_epochs: int = _O(50, "--eval-epochs", help="Epochs of each --eval-every evaluation."),
+    tensorboard: Optional[Path] = _O(None, "--tensorboard", help="Also write the curves (match loss, eval "
+                                     "accuracy) and image grids of the stored set to this TensorBoard folder "
+                                     "(needs the optional tensorboard package)."),
 ):
     """Condense a dataset with IDC (default) or DREAM (--dream) and write a synthetic set."""
     require_at_least({"--ipc": ipc, "--factor": factor, "--nclass": nclass, "--train-subset": train_subset,
@@ -844,6 +852,7 @@ def main(
     dev = resolve_device(device)
     resolve_condense_amp(cfg.amp, dev)   # refused before any data is read
     snaps = sorted({int(s) for s in snapshots.split(",") if s.strip()})
+    check_eval_every(eval_every, eval_epochs)
 
     split, spec = load_split(name, data_path, "train", per_class=cfg.train_subset, seed=cfg.seed)
     # bad settings fail here, before anything is written
@@ -876,8 +885,20 @@ def main(
                  f"factor {factor}, net {cfg.net}, {cfg.outer_iterations} x {cfg.inner_loop} iterations, lr_img "
                  f"{effective_lr_img(cfg.lr_img, ipc, spec):g}, metric {cfg.metric}, device {dev}")
 
+        test = load_split(name, data_path, "test")[0] if eval_every and not pretrain else None
+        curves = Curves(log, tensorboard)
+
         def on_outer(st: RunState) -> None:
             last = st.it == cfg.outer_iterations
+            curves.scalars(st.it, to_log=False, match_loss=st.history[-1]["match_loss"])
+            if eval_every and (st.it % eval_every == 0 or last):  # before the checkpoint: a kill repeats it
+                x, y = build_synset(cfg, spec, st.S, clamp_save).decode()
+                acc = short_eval(x, y, lambda v: normalize(v, spec.mean, spec.std), spec, cfg.net, eval_epochs,
+                                 (test.images, test.labels), dev, seed=cfg.seed,
+                                 test_prepare=lambda v: normalize(to_pixels(v), spec.mean, spec.std))
+                curves.scalars(st.it, eval_acc=round(acc, 5), eval_epochs=eval_epochs)
+                curves.images(st.it, "stored images", st.S, nrow=cfg.ipc)
+                log.info(f"  eval after outer {st.it}: test acc {100 * acc:.2f}% ({cfg.net}, {eval_epochs} epochs)")
             if st.it in snaps:
                 save_synset(build_synset(cfg, spec, st.S, clamp_save), out / "snapshots" / f"it{st.it}")
             if st.it % ckpt_every == 0 or last or stop.requested:
@@ -898,6 +919,7 @@ def main(
             seed_everything(cfg.seed)   # nothing draws from the global RNGs; seeded so a checkpoint's copy is stable
             with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the outer iteration in flight, exit 143
                 state = condense(cfg, spec, images, labels, dev, log, state=state, on_outer=on_outer, on_init=on_init)
+        curves.close()
         syn = build_synset(cfg, spec, state.S, clamp_save)
         save_outputs(out, syn, cfg)
         print(f"wrote {len(syn.labels)} stored images ({ipc}/class, factor {factor} -> "

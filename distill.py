@@ -34,6 +34,7 @@ import typer
 
 from networks import get_network
 from networks.functional import FlatNet
+from utils.curves import Curves, check_eval_every, short_eval
 from utils.datasets import DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
@@ -813,11 +814,19 @@ def main(
     device: str = _O("auto", "--device", help="auto, cpu or cuda."),
     overwrite: bool = _O(False, "--overwrite", help="Start afresh even if --out holds a run."),
     quiet: bool = _O(False, "--quiet", help="Only errors and the final line."),
+    eval_every: int = _O(0, "--eval-every", help="Every N iterations (and after the last), train a fresh --model "
+                         "--eval-epochs epochs on the set as it stands (with its learned lr) and log its test "
+                         "accuracy (eval_acc in log.csv; the set is the same as without it). 0: never."),
+    eval_epochs: int = _O(50, "--eval-epochs", help="Epochs of each --eval-every evaluation."),
+    tensorboard: Optional[Path] = _O(None, "--tensorboard", help="Also write the curves (losses, learned lr, eval "
+                                     "accuracy) and image grids of the set to this TensorBoard folder (needs the "
+                                     "optional tensorboard package)."),
 ):
     """Distil a dataset by trajectory matching (SPEED or MTT) from buffer.py's expert trajectories."""
     require_at_least({"--ipc": ipc, "--syn-steps": syn_steps, "--expert-epochs": expert_epochs,
                       "--max-start-epoch": max_start_epoch, "--batch-syn": batch_syn, "--train-subset": train_subset,
                       "--n-per-class": n_per_class, "--max-files": max_files, "--max-experts": max_experts})
+    check_eval_every(eval_every, eval_epochs)
     require_at_least({"--iterations": iterations}, least=0)
     name = subset if subset else dataset
     spec = get_dataset_spec(name)
@@ -908,8 +917,24 @@ def main(
                  f"{cfg.model}, {cfg.iterations} iterations x {cfg.syn_steps} steps, batch {cfg.batch_syn or 'all'}, "
                  f"experts {folder} ({len(files)} files), space {space}, device {dev}")
 
+        test = load_split(name, data_path, "test")[0] if eval_every else None
+        curves = Curves(log, tensorboard)
+
         def on_iter(st: RunState, fill) -> None:
             last = st.it == cfg.iterations
+            h = st.history[-1]
+            curves.scalars(h["it"], to_log=False, match_loss=h["match_loss"], reg=h["reg"], syn_lr=h["syn_lr"])
+            if eval_every and (st.it % eval_every == 0 or last):  # before the checkpoint: a kill repeats it
+                fill()
+                syn = build_synset(cfg, spec, params, st.alpha, space, zca_state)
+                x, y = syn.decode()
+                acc = short_eval(x, y, lambda v: v, spec, cfg.model, eval_epochs, (test.images, test.labels), dev,
+                                 seed=cfg.seed, test_prepare=space_mapping(space, spec, zca_state),
+                                 lr=float(st.alpha))
+                curves.scalars(h["it"], eval_acc=round(acc, 5), eval_epochs=eval_epochs)
+                curves.images(h["it"], "images", syn.to_pixels(x), nrow=len(y) // spec.num_classes)
+                log.info(f"  eval after iteration {st.it}: test acc {100 * acc:.2f}% ({cfg.model}, {eval_epochs} "
+                         "epochs, learned lr)")
             if st.it in snaps:
                 fill()
                 save_synset(build_synset(cfg, spec, params, st.alpha, space, zca_state),
@@ -926,6 +951,7 @@ def main(
         if state.it < cfg.iterations:
             with StopRequest() as stop:  # SIGTERM/SIGUSR1: checkpoint after the iteration in flight, exit 143
                 state = distill(cfg, spec, params, stream, gen, dev, log, state, on_iter)
+        curves.close()
         alpha = state.alpha if state.alpha is not None else torch.tensor(cfg.lr_teacher)
         syn = build_synset(cfg, spec, params, alpha, space, zca_state)
         save_outputs(out, syn)
