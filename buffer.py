@@ -49,7 +49,7 @@ from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, check_writable, refuse_overlap, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, step
 from utils.signals import StopRequest
 from utils.train import evaluate, standardize_batch
@@ -417,6 +417,7 @@ def main(
                       "--batch-train": batch_train, "--train-subset": train_subset, "--test-per-class": test_per_class,
                       "--res": res})
     require_at_least({"--eval-every": eval_every, "--ckpt-every": ckpt_every}, least=0)
+    check_writable(buffer_path, "--buffer-path")
     if not (math.isfinite(lr_teacher) and lr_teacher > 0):
         raise UserError(f"--lr-teacher must be a positive number, got {lr_teacher}")
     if subset is not None:

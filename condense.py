@@ -37,7 +37,7 @@ from utils.errors import UserError
 from utils.formation import decode_class, tile_mix
 from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng, resume_or_start,
                               settings_fingerprint, state_dict)
-from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
+from utils.io import atomic_torch_save, atomic_write_json, check_writable, refuse_overlap, run_lock, safe_torch_load
 from utils.kmeans import representatives
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest
@@ -848,6 +848,7 @@ def main(
                     momentum_mode=momentum_mode, train_subset=train_subset, seed=seed, amp=amp)
     cfg = resolve_config(name, ipc, factor, dream, reproduce, explicit)
     out = out or Path("results") / name / f"{'dream' if dream else 'idc'}_f{factor}_ipc{ipc}"
+    check_writable(out, "--out")
     refuse_overlap(out, "--out", {"--data-path": data_path})
     dev = resolve_device(device)
     resolve_condense_amp(cfg.amp, dev)   # refused before any data is read

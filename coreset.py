@@ -21,7 +21,7 @@ import typer
 from utils.coreset import herding_indices
 from utils.datasets import load_split, per_class_indices, to_pixels
 from utils.errors import UserError
-from utils.io import refuse_overlap, run_lock
+from utils.io import check_writable, refuse_overlap, run_lock
 from utils.misc import require_at_least, cli_errors, resolve_device
 from utils.synset import pixel_set, save_synset
 
@@ -88,6 +88,7 @@ def main(
     if method not in SELECTORS:
         raise UserError(f"unknown --method '{method}' ({', '.join(SELECTORS)})")
     require_at_least({"--ipc": ipc, "--res": res})
+    check_writable(out, "--out")
     refuse_overlap(out, "--out", {"--data-path": data_path})
     # one writer per set: a second job on the same --out stops instead of replacing the first one's set (the lock
     # sits beside the set, which is replaced whole)

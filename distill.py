@@ -40,7 +40,7 @@ from utils.dsa import DSA
 from utils.errors import UserError
 from utils.checkpoint import capture_rng, load_state, restore_rng, resume_or_start, settings_fingerprint, state_dict
 from utils.digest import files_digest
-from utils.io import atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
+from utils.io import check_writable, atomic_torch_save, atomic_write_json, refuse_overlap, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything, step
 from utils.signals import StopRequest
 from utils.speed import (FReeNet, SpeedConfig, budget_floats, check_budget, derive_config, kept_code_mass, masked_topk,
@@ -847,6 +847,8 @@ def main(
     dev = resolve_device(device)
     resolve_distill_amp(cfg.amp, dev)
     get_network(cfg.model, spec.channels, spec.num_classes, spec.resolution)  # bad names fail before any write
+    out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
+    check_writable(out, "--out")
 
     folder = expert_folder or expert_dir(buffer_path, "ImageNet" if subset else spec.name, cfg.model, zca,
                                          subset=subset, res=spec.resolution if subset else None)
@@ -871,7 +873,6 @@ def main(
         with step(f"fitting ZCA on {len(split.images)} train images"):
             zca_state = ZCA.fit(to_pixels(split.images), eps=0.1).state_dict()
 
-    out = out or Path("runs") / "distill" / spec.name / f"{cfg.method}_ipc{ipc}"
     refuse_overlap(out, "--out", {"--data-path": data_path})
     fingerprint = config_fingerprint(cfg, {"experts": str(folder.resolve()), "space": space})
     inputs = expert_digests(folder, files)

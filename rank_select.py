@@ -48,7 +48,7 @@ from PIL import Image, UnidentifiedImageError
 from utils.datasets import (FileSplit, Split, default_cache_dir, iter_file_bytes, per_class_indices, read_cache_entry,
                             read_split, source_digest, to_8bit, write_cache_entry)
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text, refuse_overlap, run_lock
+from utils.io import check_writable, atomic_torch_save, atomic_write_json, atomic_write_text, refuse_overlap, run_lock
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, step
 from utils.teacher import NORMALIZATIONS, Teacher, load_teacher
 
@@ -701,6 +701,7 @@ def main(
     """Rank real training images by the teacher's true-class probability and copy a per-class selection
     (DELT medium/top/min, or DWA's seeded random real init)."""
     require_at_least({"--ipc": ipc, "--batch-size": batch_size, "--res": res, "--train-subset": train_subset})
+    check_writable(out, "--out")
     if tensor_files and fmt == "folder":
         fmt = "both"
     refuse_overlap(out, "--out", {"--data-path": data_path})

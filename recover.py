@@ -51,7 +51,7 @@ from utils.checkpoint import capture_rng, check_finite, load_state, restore_rng,
 from utils.datasets import IMAGE_SUFFIXES, to_8bit
 from utils.distributed import barrier, cleanup, init_distributed, resolve_shard, shard
 from utils.errors import UserError
-from utils.io import atomic_write_bytes, atomic_write_json, safe_torch_load
+from utils.io import check_writable, atomic_write_bytes, atomic_write_json, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest, Stopped
 from utils.synset import save_grid
@@ -1119,6 +1119,7 @@ def main(
     require_at_least({"--ipc": ipc, "--ipc-end": ipc_end, "--num-shards": num_shards, "--iterations": iterations,
                       "--batch-size": batch_size})
     require_at_least({"--ipc-start": ipc_start}, least=0)
+    check_writable(out, "--out")
     dev = resolve_device(device)
     resolve_amp(amp, dev)   # a bad mode fails before the teacher is read
     info = init_distributed(dev)

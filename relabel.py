@@ -42,7 +42,7 @@ import typer
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup, device_for, init_distributed,
                                resolve_shard, shard)
 from utils.errors import UserError
-from utils.io import atomic_torch_save, atomic_write_json
+from utils.io import check_writable, atomic_torch_save, atomic_write_json
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device
 from utils.signals import StopRequest
 from utils.softlabels import (CROP_RATIO, FORMAT, MANIFEST, MIX_CODES, STATS_FILE, VERSION, batch_file,
@@ -438,10 +438,11 @@ def main(
             raise UserError("--shard-index/--num-shards are for separate tasks; under torchrun the rank is the shard")
         spec = resolve_shard(shard_index, num_shards, info)
         dev = device_for(info, dev)
+        out = out or Path("runs") / "relabel" / Path(syn).name
+        check_writable(out, "--fkd-path")
         teacher = load_teacher(teacher_path, arch=arch, dataset=dataset, norm=norm, device=dev)
         data_name = dataset or teacher.dataset
         pixels, _ = load_set_pixels(syn, data_name)
-        out = out or Path("runs") / "relabel" / Path(syn).name
         config = {"syn": str(syn), "teacher": str(teacher_path), "out": str(out), "dataset": data_name,
                   "device": str(dev), "amp": amp_mode.mode, "shard": list(spec), "world_size": info.world_size}
         t0 = time.time()

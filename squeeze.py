@@ -53,7 +53,7 @@ from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_datas
                             per_class_indices, read_split)
 from utils.distributed import DistInfo, all_reduce_sum, barrier, cleanup, device_for, init_distributed
 from utils.errors import UserError
-from utils.io import atomic_write_json, run_lock, safe_torch_load
+from utils.io import atomic_write_json, check_writable, run_lock, safe_torch_load
 from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
 from utils.signals import StopRequest, Stopped
 from utils.teacher import NORMALIZATIONS, load_teacher, resolve_normalization, save_teacher
@@ -1036,6 +1036,7 @@ def main(
             raise UserError("--dataset is required with --weights/--pretrained")
         name = get_dataset_spec(dataset).name
         out = out or Path("teachers") / f"{name}_{canonical_name(arch) if arch else 'teacher'}.pt"
+        check_writable(out, "--out", folder=False)
         wrap_weights(name, data_path, out, weights=weights, pretrained=pretrained, arch=arch, norm=norm,
                      evaluate_test=do_eval, test_per_class=test_per_class, seed=seed, device=device,
                      overwrite=overwrite, resolution=res, eval_resize=eval_resize, workers=workers, quiet=quiet,
@@ -1045,6 +1046,7 @@ def main(
     if out is None:
         ds_name = get_dataset_spec(dataset or rec.dataset).name if (dataset or rec.dataset) else "dataset"
         out = Path("teachers") / f"{ds_name}_{canonical_name(arch or rec.arch) if (arch or rec.arch) else rec_name}.pt"
+    check_writable(out, "--out", folder=False)
     overrides = dict(arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, warmup_factor=warmup_factor,
                      schedule=schedule, aug=aug, crop_padding=crop_padding, norm=norm, train_per_class=train_per_class,

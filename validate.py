@@ -55,7 +55,7 @@ from utils.dsa import DSA, DSAParams
 from utils.errors import UserError
 from utils.digest import changed_inputs, files_digest
 from utils.distributed import DistInfo, all_reduce_sum, cleanup, device_for, env_info, init_distributed
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, check_writable
 from utils.kd import (EVAL_TRANSFORMS, KDRecipe, Shard, check_recipe, count_correct, teacher_soft_targets,
                       train_network_kd)
 from utils.misc import require_at_least, RunLog, cli_errors, resolve_device, step
@@ -258,6 +258,12 @@ class RunState:
 
 def ckpt_path_for(results: Path) -> Path:
     return results.with_suffix(".ckpt.pt")
+
+
+def check_results_writable(results: Path) -> None:
+    """Before any training: the results JSON, its CSV and the run checkpoint beside it can be written."""
+    for path in (results, results.with_suffix(".csv"), ckpt_path_for(results)):
+        check_writable(path, "--results", folder=False)
 
 
 class RunCheckpoints:
@@ -1035,6 +1041,7 @@ def main(
                   herding_epochs=herding_epochs if herding else None, amp=resolve_amp(amp, dev).mode)
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
+    check_results_writable(results)
     # Per-run resume: every finished run is a CSV row tagged with a fingerprint of this configuration; the same
     # command again skips those runs. A CSV of another configuration is never mixed in.
     key = config_key(config)
@@ -1257,6 +1264,7 @@ def _run_kd(c: dict, preset: str | None, dev: torch.device, info: DistInfo) -> N
     results = c["results"]
     if results is None:
         results = (syn / "results.json") if (syn is not None and syn.is_dir()) else Path("results/validate.json")
+    check_results_writable(results)
     key = config_key(config)
     inputs = input_digests(syn, synset, c["teacher"])
     # every rank reads the finished runs (so all skip the same ones); only rank 0 writes

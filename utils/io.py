@@ -9,6 +9,7 @@ refused, not run.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -45,24 +46,85 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return tmp
 
 
+# What the operating system answers when a file cannot be written where the user pointed: each becomes one line
+# naming the file (`write_fault`), in the atomic writes below and in `utils.misc.cli_errors` for any other write.
+WRITE_FAULTS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another output folder",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output folder",
+    errno.EFBIG: "the file is too large for its file system",
+    errno.EROFS: "the file system is read-only; choose another output folder",
+    errno.EACCES: "permission denied; choose an output folder you may write",
+    errno.EPERM: "operation not permitted; choose an output folder you may write",
+    errno.EISDIR: "a folder stands where a file is to be written",
+    errno.ENOTDIR: "a file stands where a folder is expected",
+    errno.EEXIST: "a file stands where a folder is to be made",
+    errno.ENAMETOOLONG: "the name is too long for the file system",
+}
+
+
+def write_fault(e: OSError, path: str | Path | None = None) -> UserError | None:
+    """The one-line error for an OSError of `WRITE_FAULTS` met while writing `path` (else e.filename); None for any
+    other error, which is left to surface as it is."""
+    if e.errno not in WRITE_FAULTS:
+        return None
+    where = path if path is not None else (e.filename or "a file")
+    return UserError(f"cannot write {where}: {e.strerror or os.strerror(e.errno)} ({WRITE_FAULTS[e.errno]})")
+
+
+def check_writable(path: str | Path, flag: str, folder: bool = True) -> None:
+    """Fail now, in one line, when the output `path` (a folder when `folder`, else a file) cannot be written: a
+    stage calls this before it reads data or trains, so a mistake costs seconds, not a night's run. The nearest
+    existing folder is probed with a temp file that is removed at once; nothing is created."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is an existing file, not a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    d = path if folder else path.parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise UserError(f"{flag} {path} cannot be written: {d} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror} ({d})") from None
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (write_fault(e, path) or e) from None
     os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp's 0600 would become the artefact's mode
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        fault = write_fault(e, path) if isinstance(e, OSError) else None
+        if fault is not None:
+            raise fault from None
         raise
+
+
+def torch_save_file(obj: Any, path: str | Path) -> None:
+    """`torch.save` through an unbuffered Python file: a full disk then surfaces as OSError(ENOSPC), where torch's own
+    file writer reports only an opaque "unexpected pos" RuntimeError. (The archive inside is then named "archive"
+    instead of after the temp file, so the same object gives the same bytes.)"""
+    with open(path, "wb", buffering=0) as f:
+        torch.save(obj, f)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temp file then rename: readers see the old file or the new one, never half."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    _atomic_write(Path(path), lambda tmp: torch_save_file(obj, tmp))
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:

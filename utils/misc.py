@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import os
 import random
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.io import atomic_write_text, write_fault
 from utils.signals import Stopped
 from utils.progress import progress, step  # noqa: F401  (the stages import them from here)
 
@@ -63,14 +65,12 @@ class RunLog:
         self.rows.append({**values, **self.constant})
         if self.csv_path is None:
             return
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        with open(tmp, "w", newline="") as f:  # rewritten whole so new columns stay aligned
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=keys)   # rewritten whole so new columns stay aligned
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(text.getvalue(), self.csv_path)
 
 
 def require_at_least(flags: dict[str, int | None], least: int = 1) -> None:
@@ -100,15 +100,23 @@ def _stop_exit_status() -> int:
 
 
 def cli_errors(fn: Callable) -> Callable:
-    """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2; a stop request
-    honoured at a safe point (utils.signals.Stopped) one line and exit status 143, or DDT_STOP_EXIT_STATUS when set
-    (scripts/slurm/torchrun.sbatch sets 0: torchrun then ends as after a finished run, without a traceback)."""
+    """Wrap a stage's main: a UserError becomes `error: <message>` on stderr and exit status 2, and so does an
+    operating-system fault of a write (disk full, read-only, permission, a file or folder in the way:
+    `utils.io.WRITE_FAULTS`); a stop request honoured at a safe point (utils.signals.Stopped) one line and exit
+    status 143, or DDT_STOP_EXIT_STATUS when set (scripts/slurm/torchrun.sbatch sets 0: torchrun then ends as after
+    a finished run, without a traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {user_message(e)}", file=sys.stderr)
+            raise SystemExit(2)
+        except OSError as e:
+            fault = write_fault(e)
+            if fault is None:
+                raise
+            print(f"error: {user_message(fault)}", file=sys.stderr)
             raise SystemExit(2)
         except Stopped as e:  # SIGTERM/SIGUSR1 honoured at a safe point (utils/signals.py)
             print(f"{e}", file=sys.stderr)

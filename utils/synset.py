@@ -38,7 +38,7 @@ from PIL import Image
 from utils.datasets import DatasetSpec, IMAGE_SUFFIXES, denormalize, get_dataset_spec, to_8bit
 from utils.digest import files_digest
 from utils.errors import UserError
-from utils.io import make_temp_dir, safe_torch_load
+from utils.io import make_temp_dir, safe_torch_load, torch_save_file, write_fault
 
 FORMAT = "ddtoolkit-synset"
 VERSION = 1
@@ -169,22 +169,29 @@ def save_synset(syn: SyntheticSet, out_dir: str | Path, grid: bool = True, overw
                    "labels": syn.labels.detach().cpu().long(),
                    "lr": None if syn.lr is None else syn.lr.detach().cpu().reshape(()),
                    "soft_labels": None if syn.soft_labels is None else syn.soft_labels.detach().cpu()}
-        torch.save(payload, tmp / "synset.pt")
+        torch_save_file(payload, tmp / "synset.pt")
         (tmp / "meta.json").write_text(json.dumps(syn.meta, indent=2) + "\n")
         if syn.zca_state is not None:
-            torch.save(syn.zca_state, tmp / "zca.pt")
+            torch_save_file(syn.zca_state, tmp / "zca.pt")
         if grid:
             images, labels = syn.decode()
             save_grid(syn.to_pixels(images), labels, tmp / "grid.png")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)   # the previous set goes back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        fault = write_fault(e, out) if isinstance(e, OSError) else None
+        if fault is not None:
+            raise fault from None
         raise
     return out
 
