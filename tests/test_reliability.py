@@ -70,7 +70,7 @@ def data(tmp_path_factory):
     tr, spec = load_split("MNIST", d["mnist"], "train")
     keep = tr.labels < 4
     syn4 = pixel_set(to_pixels(tr.images[keep][:8]), tr.labels[keep][:8], spec, method="x")
-    syn4.meta["num_classes"] = 4                                 # as if made for a 4-class dataset
+    syn4.meta.update(num_classes=4, class_names=syn4.meta["class_names"][:4])   # as if made for a 4-class dataset
     save_synset(syn4, root / "syn4")
     d["syn4"] = root / "syn4"
     small = torch.nn.functional.interpolate(to_pixels(tr.images[:20]), size=16)

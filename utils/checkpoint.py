@@ -65,11 +65,27 @@ def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         f"another {out_flag}")
+    bad = _first_nonfinite(d)
+    if bad is not None:   # resuming would train on, and report, garbage (or blame the lr for the NaN loss)
+        raise UserError(f"{path} holds NaN/Inf values in '{bad}': the checkpoint is damaged; pass --overwrite to "
+                        f"start afresh or use another {out_flag}")
     check_inputs(d, path, inputs, out_flag)
     try:   # fields added later have defaults, so an older checkpoint of the same format still loads
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
     except TypeError as e:
         raise UserError(f"{path} is an incomplete {stage} checkpoint ({e})") from None
+
+
+def _first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first floating tensor holding NaN/Inf inside nested dicts/lists, or None."""
+    if isinstance(obj, torch.Tensor):
+        return (where or "tensor") if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def resume_or_start(out: str | Path, load: Callable[[Path], T], overwrite: bool,

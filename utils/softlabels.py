@@ -511,3 +511,13 @@ def check_record(rec, f: Path, manifest: dict, epoch: int, batch: int) -> None:
         t = rec.get("logits")
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, c):
             raise bad(f"'logits' should be [{n}, {c}]")
+    # a NaN/Inf teacher logit would surface as a NaN loss blamed on the student's lr; a perm outside the batch as an
+    # index error; crop fractions outside [0, 1] as views of another image
+    for key in ("logits", "topk_values", "coords"):
+        t = rec.get(key)
+        if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t.float()).all()):
+            raise bad(f"'{key}' holds NaN/Inf values")
+    if int(rec["perm"].min()) < 0 or int(rec["perm"].max()) >= n:
+        raise bad("'perm' out of range")
+    if not (isinstance(rec["lam"], (int, float)) and math.isfinite(rec["lam"]) and 0 <= rec["lam"] <= 1):
+        raise bad(f"'lam' {rec['lam']!r} is not in [0, 1]")

@@ -71,6 +71,10 @@ class SyntheticSet:
     soft_labels: torch.Tensor | None = None
     zca_state: dict | None = field(default=None, repr=False)
     files: tuple[Path, ...] = field(default=(), repr=False)   # what load_synset read, for `content_digest`
+    source: str | None = None   # where it was read from, for messages
+
+    def _where(self) -> str:
+        return f"synthetic set {self.source}" if self.source else "synthetic set"
 
     @property
     def num_classes(self) -> int:
@@ -95,7 +99,9 @@ class SyntheticSet:
             raise UserError(f"synthetic set uses decoder '{name}', which this toolkit version does not have "
                             f"(known: {', '.join(sorted(DECODERS))})")
         images, labels = DECODERS[name](self.tensors, self.labels, self.meta)
-        return images.detach().float(), labels.detach().long()
+        images, labels = images.detach().float(), labels.detach().long()
+        check_decoded(images, labels, self.meta, self._where())
+        return images, labels
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Images of this set's value space back to pixel space [0, 1] (for grids and exports)."""
@@ -245,7 +251,8 @@ def export_imagefolder(syn: SyntheticSet, out_dir: str | Path) -> Path:
 
 def load_synset(path: str | Path, dataset: str | None = None, space: str | None = None,
                 factor: int | None = None, zca_state: dict | None = None) -> SyntheticSet:
-    """Read a synthetic set: our directory format, or a legacy artefact.
+    """Read a synthetic set: our directory format, or a legacy artefact, and check it (`check_set`): a damaged or
+    inconsistent set is one line naming the file, before any training on it.
 
     Legacy formats carry no metadata, so `dataset` is required for them, and:
     - MTT/SPEED `images_*.pt`: stored in the dataset's normalised space, or ZCA space (pass space="zca" and
@@ -253,7 +260,14 @@ def load_synset(path: str | Path, dataset: str | None = None, space: str | None 
     - IDC `data.pt` ([images, labels], pixel space); `factor` > 1 selects the multi-formation decoder;
     - SRe2L/DWA/DELT ImageFolder (`new000/class000_id000.jpg`): pixel space.
     """
-    p = Path(path)
+    syn = _read_synset(Path(path), dataset, space, factor, zca_state)
+    syn.source = str(path)
+    check_set(syn)
+    return syn
+
+
+def _read_synset(p: Path, dataset: str | None, space: str | None, factor: int | None,
+                 zca_state: dict | None) -> SyntheticSet:
     if not p.exists():
         raise UserError(f"synthetic set not found: {p}")
     if (p / "meta.json").is_file() and not (p / "synset.pt").is_file():
@@ -290,7 +304,9 @@ def _load_native(p: Path) -> SyntheticSet:
     payload = safe_torch_load(p / "synset.pt", "synthetic set")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{p / 'synset.pt'} is not a ddtoolkit synthetic set")
+    _check_payload(payload, p / "synset.pt")
     meta = _read_meta(p)
+    _check_meta(meta, p / "meta.json")
     zca_state = safe_torch_load(p / "zca.pt", "ZCA state") if meta.get("space") == "zca" else None
     files = [p / "synset.pt", p / "meta.json"] + ([p / "zca.pt"] if zca_state is not None else [])
     return SyntheticSet(payload["tensors"], payload["labels"], meta, payload.get("lr"),
@@ -416,9 +432,109 @@ def _check_shapes(images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec,
                         f"{tuple(labels.shape)}")
     if spec.channels and images.shape[1] != spec.channels:
         raise UserError(f"{source}: images have {images.shape[1]} channels but {spec.name} has {spec.channels}")
+    if len(labels) and int(labels.min()) < 0:
+        raise UserError(f"{source}: label {int(labels.min())} is out of range for {spec.name}")
     if spec.num_classes and int(labels.max()) >= spec.num_classes:
         raise UserError(f"{source}: label {int(labels.max())} out of range for {spec.name} "
                         f"({spec.num_classes} classes)")
+
+
+# ------------------------------------------------------------------------------------------- checks
+# A set is checked when it is read and when it is decoded, so a damaged or inconsistent file is one line naming it,
+# never a NaN loss blamed on the lr, a shape error deep in a network, or a silently wrong label.
+
+_META_TYPES = {"dataset": str, "class_names": list, "num_classes": int, "channels": int, "resolution": int,
+               "space": str}
+
+
+def _check_meta(meta: dict, where: Path | str) -> None:
+    for key, kind in _META_TYPES.items():
+        if key not in meta:
+            raise UserError(f"{where} lacks '{key}'; it is not a complete synthetic-set meta.json")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise UserError(f"{where}: '{key}' must be a {kind.__name__}, got {str(meta[key])[:60]!r}")
+    if meta["space"] not in SPACES:
+        raise UserError(f"{where}: unknown value space '{meta['space']}' (known: {', '.join(SPACES)})")
+    if meta["num_classes"] < 1 or len(meta["class_names"]) != meta["num_classes"]:
+        raise UserError(f"{where}: num_classes {meta['num_classes']} does not match its {len(meta['class_names'])} "
+                        "class names")
+    if meta["channels"] < 1 or meta["resolution"] < 1:
+        raise UserError(f"{where}: channels and resolution must be positive, got {meta['channels']} and "
+                        f"{meta['resolution']}")
+    if meta["space"] == "normalized":
+        mean, std = meta.get("mean"), meta.get("std")
+        if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == meta["channels"]
+                and all(isinstance(s, (int, float)) and s > 0 for s in std)):
+            raise UserError(f"{where}: a normalized set needs mean and std lists of {meta['channels']} values "
+                            "(std > 0)")
+
+
+def _nonfinite(name: str, t: torch.Tensor, where: Path | str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise UserError(f"{where} holds {bad} NaN/Inf values in {name}: the file is damaged or the run that made "
+                        "it diverged; it cannot be trained on")
+
+
+def _check_payload(payload: dict, where: Path) -> None:
+    tensors, labels = payload.get("tensors"), payload.get("labels")
+    if not isinstance(tensors, dict) or not tensors:
+        raise UserError(f"{where} lacks 'tensors' (a dict of tensors)")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{where}: tensors['{name}'] must be a tensor, got {type(t).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise UserError(f"{where} lacks 'labels' (an integer tensor)")
+    for name in ("lr", "soft_labels"):
+        if payload.get(name) is not None and not isinstance(payload[name], torch.Tensor):
+            raise UserError(f"{where}: '{name}' must be a tensor or None, got {type(payload[name]).__name__}")
+
+
+def check_set(syn: SyntheticSet) -> None:
+    """What can be checked without decoding: meta, label type/range/count, stored rows against meta, finite values,
+    the learned lr and soft labels. Every loader runs it (`load_synset`); `decode` checks the decoded images."""
+    where, meta, labels = syn._where(), syn.meta, syn.labels
+    _check_meta(meta, f"{where} (meta)")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1 or not len(labels):
+        raise UserError(f"{where}: labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape "
+                        f"{tuple(labels.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= meta["num_classes"]:
+        raise UserError(f"{where}: label {lo if lo < 0 else hi} is out of range for its {meta['num_classes']} "
+                        "classes")
+    for name, t in syn.tensors.items():
+        _nonfinite(f"tensors['{name}']", t, where)
+    stored, decoder = syn.tensors.get("images"), meta.get("decoder", "pixels")
+    if decoder == "pixels" and stored is not None:   # the stored images are the training images
+        check_decoded(stored, labels, meta, where)
+    elif decoder == "multiformation" and stored is not None:   # stored at full size, one label per stored image
+        if stored.ndim != 4 or stored.shape[1] != meta["channels"]:
+            raise UserError(f"{where}: its stored images are {tuple(stored.shape)}, not [N, {meta['channels']}, H, W] "
+                            "as its meta says")
+        if len(stored) != len(labels):
+            raise UserError(f"{where}: {len(stored)} images but {len(labels)} labels")
+    if syn.lr is not None:
+        _nonfinite("the learned lr", syn.lr, where)
+        if syn.lr.numel() != 1 or float(syn.lr) <= 0:
+            raise UserError(f"{where}: the learned lr must be one positive number, got {syn.lr.flatten()[:3].tolist()}")
+    if syn.soft_labels is not None:
+        _nonfinite("soft_labels", syn.soft_labels, where)
+        if syn.soft_labels.ndim != 2 or syn.soft_labels.shape[1] != meta["num_classes"]:
+            raise UserError(f"{where}: soft_labels of shape {tuple(syn.soft_labels.shape)} do not give "
+                            f"{meta['num_classes']} class scores per image")
+
+
+def check_decoded(images: torch.Tensor, labels: torch.Tensor, meta: dict, where: str) -> None:
+    """Decoded training images against the set's meta: [N, channels, resolution, resolution], one label each, in
+    range, finite."""
+    expected = (meta["channels"], meta["resolution"], meta["resolution"])
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise UserError(f"{where}: its images are {tuple(images.shape[1:])} but its meta says {expected}")
+    if len(images) != len(labels):
+        raise UserError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= meta["num_classes"]):
+        raise UserError(f"{where}: a label is out of range for its {meta['num_classes']} classes")
+    _nonfinite("its images", images, where)
 
 
 def check_compatible(syn: SyntheticSet, spec: DatasetSpec) -> None:

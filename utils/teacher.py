@@ -14,6 +14,7 @@ Foreign checkpoints (SRe2L/DWA `ckpt.pth` with `state_dict`/`module.` keys, RDED
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -124,6 +125,7 @@ def load_teacher(path: str | Path, *, arch: str | None = None, dataset: str | No
     (a mismatch is a one-line error, not a silently wrong normalisation)."""
     obj = safe_torch_load(path, "teacher checkpoint")
     if isinstance(obj, dict) and obj.get("format") == TEACHER_FORMAT:
+        _check_teacher_file(obj, path)
         if arch is not None and canonical_name(arch) != obj["arch"]:
             raise UserError(f"{path} holds a {obj['arch']} teacher, not {canonical_name(arch)}")
         if dataset is not None and get_dataset_spec(dataset).name != get_dataset_spec(obj["dataset"]).name:
@@ -150,7 +152,39 @@ def load_teacher(path: str | Path, *, arch: str | None = None, dataset: str | No
                    tuple(spec.class_names), {"source": str(path), "foreign": True})
 
 
+# The keys of a teacher file and their types (beyond format/version); `meta` and `class_names` are optional.
+_TEACHER_KEYS = {"model": dict, "arch": str, "dataset": str, "num_classes": int, "channels": int, "resolution": int,
+                 "mean": list, "std": list}
+
+
+def _check_teacher_file(obj: dict, path: str | Path) -> None:
+    """Required keys with their types, a normalisation of one positive std per channel: a hand-edited or damaged
+    teacher file is one line naming it, not a wrongly normalised teacher."""
+    for key, kind in _TEACHER_KEYS.items():
+        if key not in obj:
+            raise UserError(f"teacher file {path} lacks '{key}'; it is incomplete (re-export it with squeeze.py)")
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise UserError(f"teacher file {path}: '{key}' must be a {kind.__name__}, got {str(obj[key])[:60]!r}")
+    if obj["num_classes"] < 1 or obj["channels"] < 1 or obj["resolution"] < 1:
+        raise UserError(f"teacher file {path}: num_classes, channels and resolution must be positive")
+    mean, std = obj["mean"], obj["std"]
+    if len(mean) != obj["channels"] or len(std) != obj["channels"] or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise UserError(f"teacher file {path}: mean {mean} / std {std} must hold {obj['channels']} finite values "
+                        "each, std > 0")
+
+
+def _check_finite_weights(state: dict, path: str | Path) -> None:
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"teacher weights {path} hold NaN/Inf values in '{key}': the file is damaged or the "
+                            "training that made it diverged")
+
+
 def _load_state(net: nn.Module, state: dict, path: str | Path) -> None:
+    if not isinstance(state, dict):
+        raise UserError(f"teacher weights {path} are not a state_dict (got {type(state).__name__})")
+    _check_finite_weights(state, path)
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:
