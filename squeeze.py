@@ -623,9 +623,9 @@ def train_teacher(cfg: SqueezeConfig, train: Data, test: Optional[Data], device:
             stats += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
             step = i + 1
-            if step == len(batches):
-                continue   # the epoch's end below checkpoints (and honours a stop request) after its evaluation
             stopping = any_rank(stop is not None and stop.requested, info, group)
+            if step == len(batches) and not stopping:
+                continue   # the epoch's end below checkpoints after its evaluation; a stop does not wait for that
             if stopping or (ckpt_every > 0 and (epoch * len(batches) + step) % ckpt_every == 0):
                 sums = global_stats(stats)
                 check_finite(float(sums[0]), f"epoch {epoch + 1} step {step}", "--lr", ckpt_path)

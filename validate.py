@@ -63,7 +63,7 @@ from utils.signals import StopRequest, Stopped
 from utils.synset import SyntheticSet, check_compatible, load_synset
 from utils.teacher import Teacher, intra_class_cosine, load_teacher, teacher_features
 from utils.amp import AMP_HELP, resolve_amp
-from utils.train import EpochHook, TrainRecipe, TrainResume, evaluate, train_network
+from utils.train import EpochHook, StepHook, TrainRecipe, TrainResume, evaluate, train_network
 
 def default_model(resolution: int) -> str:
     """ConvNet deep enough to reach a 4×4 map (speed.md §2): 28/32 px -> ConvNet-3, 64 -> 4, 128 -> 5."""
@@ -254,6 +254,11 @@ class RunState:
     generator: torch.Tensor    # the run's torch.Generator (batch order, DSA / views, CutMix / mix)
     rng: dict                  # utils.checkpoint.capture_rng(): global torch / numpy / python states
     seconds: float             # training time so far, so the CSV's seconds column counts the whole run
+    # a stop inside epoch index `epoch` (step > 0): its batch order, batches done and running loss sums
+    step: int = 0
+    order: Optional[torch.Tensor] = None
+    total: float = 0.0
+    count: int = 0
 
 
 def ckpt_path_for(results: Path) -> Path:
@@ -305,8 +310,10 @@ class RunCheckpoints:
         net.load_state_dict(st.net)
         gen.set_state(st.generator)
         restore_rng(st.rng)
-        self.log.info(f"  {model} {arm} seed {seed}: resuming after epoch {st.epoch} from {self.path}")
-        return TrainResume(int(st.epoch), st.opt, list(st.losses)), float(st.seconds)
+        where = f"at batch {st.step} of epoch {st.epoch + 1}" if st.step else f"after epoch {st.epoch}"
+        self.log.info(f"  {model} {arm} seed {seed}: resuming {where} from {self.path}")
+        return TrainResume(int(st.epoch), st.opt, list(st.losses), int(st.step), st.order, float(st.total),
+                           int(st.count)), float(st.seconds)
 
     def _stop_requested(self) -> bool:
         mine = self.stop is not None and self.stop.requested
@@ -324,21 +331,38 @@ class RunCheckpoints:
         if self._stop_requested():
             raise self._stopped(f"every finished run is recorded in {self.log.csv_path or 'the results CSV'}")
 
+    def _save(self, model: str, arm: str, seed: int, gen: torch.Generator, t0: float, net: torch.nn.Module,
+              opt: torch.optim.Optimizer, position: TrainResume) -> None:
+        if self.dist_info.is_main:
+            state = RunState(model=model, arm=arm, seed=seed, epoch=position.epoch, losses=list(position.losses),
+                             net={k: v.detach().cpu() for k, v in net.state_dict().items()},
+                             opt=opt.state_dict(), generator=gen.get_state(), rng=capture_rng(),
+                             seconds=time.time() - t0, step=position.step, order=position.order,
+                             total=position.total, count=position.count)
+            save_state(state, self.path, CKPT_FORMAT, self.fingerprint, self.inputs)
+
     def hook(self, model: str, arm: str, seed: int, epochs: int, gen: torch.Generator, t0: float) -> EpochHook:
         def on_epoch_end(done: int, net: torch.nn.Module, opt: torch.optim.Optimizer, losses: list) -> None:
             stop = self._stop_requested()
             # the last epoch is not written periodically: the run's row follows at once
             if stop or (self.every > 0 and done % self.every == 0 and done < epochs):
-                if self.dist_info.is_main:
-                    state = RunState(model=model, arm=arm, seed=seed, epoch=done, losses=list(losses),
-                                     net={k: v.detach().cpu() for k, v in net.state_dict().items()},
-                                     opt=opt.state_dict(), generator=gen.get_state(), rng=capture_rng(),
-                                     seconds=time.time() - t0)
-                    save_state(state, self.path, CKPT_FORMAT, self.fingerprint, self.inputs)
+                self._save(model, arm, seed, gen, t0, net, opt, TrainResume(done, {}, losses))
             if stop:
                 raise self._stopped(f"checkpoint written after epoch {done}/{epochs} of {model} {arm} seed {seed} "
                                     f"({self.path})")
         return on_epoch_end
+
+    def step_hook(self, model: str, arm: str, seed: int, epochs: int, gen: torch.Generator, t0: float) -> StepHook:
+        """on_step: a stop request is honoured after the batch in flight, not at the end of a long epoch (Slurm
+        kills after its grace period); the checkpoint holds the position inside the epoch, so the re-run continues
+        bit for bit. A running loss that is already NaN/inf is not saved: the epoch's end reports the divergence."""
+        def on_step(position: TrainResume, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+            if not self._stop_requested() or not math.isfinite(position.total):
+                return
+            self._save(model, arm, seed, gen, t0, net, opt, position)
+            raise self._stopped(f"checkpoint written after batch {position.step} of epoch {position.epoch + 1}/"
+                                f"{epochs} of {model} {arm} seed {seed} ({self.path})")
+        return on_step
 
     def finished(self) -> None:
         """The run's row is recorded: its checkpoint is no longer needed."""
@@ -353,7 +377,8 @@ def _start_run(ckpt: RunCheckpoints | None, model: str, arm: str, seed: int, epo
         return {}, time.time()
     resume, seconds = ckpt.resume(model, arm, seed, net, gen)
     t0 = time.time() - seconds
-    return dict(resume=resume, on_epoch_end=ckpt.hook(model, arm, seed, epochs, gen, t0), ckpt=ckpt.path), t0
+    return dict(resume=resume, on_epoch_end=ckpt.hook(model, arm, seed, epochs, gen, t0),
+                on_step=ckpt.step_hook(model, arm, seed, epochs, gen, t0), ckpt=ckpt.path), t0
 
 
 def train_arm(arm: str, model: str, inputs: torch.Tensor, labels: torch.Tensor, prepare: Callable,

@@ -344,3 +344,36 @@ def test_torchrun_sbatch_requeue_stops_the_workers_without_a_traceback(data, env
     stops = [ln for ln in log.splitlines() if ln.startswith("stopped by ")]
     assert len(stops) == 2 and stops[0].split("written after ")[1] == stops[1].split("written after ")[1], log
     assert torch.load(ckpt_of(out), weights_only=True)["epoch"] >= 1 and not out.exists()
+
+
+def test_sigterm_in_the_last_batch_of_an_epoch_stops_before_the_evaluation(data, straight, tmp_path, monkeypatch):
+    """In process: SIGTERM arrives during the last batch of epoch 2, whose end evaluates on the test split (which on
+    ImageNet takes minutes: longer than Slurm's grace period). The run checkpoints after that batch and exits 143
+    without evaluating; the re-run evaluates, and the teacher and log equal the uninterrupted run's."""
+    real = squeeze.get_network
+    forwards = {"n": 0}
+    evaluations = []
+
+    def signalling(*a, **k):
+        net = real(*a, **k)
+
+        def pre_hook(module, inputs):
+            if module.training:
+                forwards["n"] += 1
+                if forwards["n"] == 2 * STEPS_PER_EPOCH:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        net.register_forward_pre_hook(pre_hook)
+        return net
+    real_evaluate = squeeze.evaluate
+    monkeypatch.setattr(squeeze, "get_network", signalling)
+    monkeypatch.setattr(squeeze, "evaluate", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
+    out = tmp_path / "stopped.pt"
+    r = runner.invoke(squeeze.app, flags(data, out))
+    assert r.exit_code == 143, r.output
+    assert not evaluations
+    st = torch.load(ckpt_of(out), weights_only=True)
+    assert (st["epoch"], st["step"]) == (1, STEPS_PER_EPOCH)
+    monkeypatch.setattr(squeeze, "get_network", real)
+    r = runner.invoke(squeeze.app, flags(data, out))
+    assert r.exit_code == 0, r.output
+    assert_same_run(out, straight)

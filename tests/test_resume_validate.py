@@ -223,13 +223,14 @@ def test_sigterm_checkpoints_inside_the_run_exits_143_and_rerun_continues(files,
     cmd = _ce_cmd(files, results, "--ckpt-every", 0, "--quiet")
     rc, err = interrupt_when(cmd, lambda: csv_rows(results.with_suffix(".csv")) == 1, signal.SIGTERM, delay=0.1)
     assert rc == 143, err
-    assert "stopped by SIGTERM; checkpoint written after epoch" in err and "re-run the same command" in err
+    assert "stopped by SIGTERM; checkpoint written after batch" in err and "re-run the same command" in err
     assert "Traceback" not in err
     state = torch.load(ckpt, weights_only=True)
     assert state["format"] == validate.CKPT_FORMAT and (state["model"], state["arm"], state["seed"]) == (
         "ConvNet-1-w8", "syn", 1)
-    assert 1 <= state["epoch"] < EPOCHS and len(state["losses"]) == state["epoch"]
-    assert f"after epoch {state['epoch']}/{EPOCHS} of ConvNet-1-w8 syn seed 1" in err
+    # stopped after the batch in flight (2 batches per epoch), inside the epoch
+    assert 0 <= state["epoch"] < EPOCHS and len(state["losses"]) == state["epoch"] and state["step"] in (1, 2)
+    assert f"after batch {state['step']} of epoch {state['epoch'] + 1}/{EPOCHS} of ConvNet-1-w8 syn seed 1" in err
     assert csv_rows(results.with_suffix(".csv")) == 1 and not results.exists()
     run_ok(cmd)
     assert _report(results) == straight_ce
@@ -306,6 +307,110 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_rerun_matches(files, t
     assert calls.read_text().split() == ["requeue", "77"]
     assert torch.load(validate.ckpt_path_for(tmp_path / "stopped" / "r.json"), weights_only=True)["epoch"] == 3
     monkeypatch.setattr(validate, "train_network", real)
+    r = CliRunner().invoke(validate.app, args("stopped"))
+    assert r.exit_code == 0, r.output
+    assert _report(tmp_path / "stopped" / "r.json") == _report(tmp_path / "straight" / "r.json")
+
+
+# ------------------------------------------------------------- a stop request inside an epoch (issue 13, point 6)
+
+def _stop_after_step(k: int, into: dict, gen: torch.Generator):
+    """on_step hook recording the loop's position, weights, optimiser and generator after its k-th step overall."""
+    def on_step(position, net, opt):
+        into["steps"] = into.get("steps", 0) + 1
+        if into["steps"] == k:
+            into.update(position=copy.deepcopy(position), net={n: v.clone() for n, v in net.state_dict().items()},
+                        opt=copy.deepcopy(opt.state_dict()), gen=gen.get_state())
+    return on_step
+
+
+def _resume_from(snap: dict) -> TrainResume:
+    p = snap["position"]
+    return TrainResume(p.epoch, snap["opt"], p.losses, step=p.step, order=p.order, total=p.total, count=p.count)
+
+
+@pytest.mark.parametrize("schedule,k", [("step", 7), ("mtt", 16), ("mtt", 18), ("step", 9)])
+def test_train_network_resumed_from_inside_an_epoch_equals_one_go(schedule, k):
+    """12 images in batches of 5: 3 steps per epoch. Resuming after step k (k = 16: the first step of epoch index 5,
+    where 'mtt' starts a fresh optimiser; k = 9: the last step of an epoch) gives the same weights and losses, bit
+    for bit, as training in one go."""
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    recipe = TrainRecipe(epochs=8, lr=0.05, batch_size=5, schedule=schedule, dsa=DSA("color_crop_flip_scale_rotate"),
+                         mix_p=0.5)
+    torch.manual_seed(1)
+    net = get_network("ConvNet-1-w8", 1, 3, 8)
+    gen, snap = torch.Generator().manual_seed(2), {}
+    losses = train_network(net, x, y, recipe, gen, torch.device("cpu"), on_step=_stop_after_step(k, snap, gen))
+    assert snap["position"].step == (k - 1) % 3 + 1 and snap["position"].epoch == (k - 1) // 3
+    resumed = get_network("ConvNet-1-w8", 1, 3, 8)
+    resumed.load_state_dict(snap["net"])
+    gen2 = torch.Generator()
+    gen2.set_state(snap["gen"])
+    rest = train_network(resumed, x, y, recipe, gen2, torch.device("cpu"), resume=_resume_from(snap))
+    assert rest == losses and len(losses) == 8
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_train_network_kd_resumed_from_inside_an_epoch_equals_one_go():
+    spec = get_dataset_spec("MNIST")
+    torch.manual_seed(0)
+    x, y = torch.rand(10, 1, 28, 28), torch.arange(10)
+    teacher = freeze(get_network(STUDENT, 1, 10, 28))
+    soft = kd.teacher_soft_targets(teacher)
+    recipe = kd.KDRecipe(epochs=4, lr=3e-3, batch_size=4, temperature=4.0, mix="cutmix", crop="rrc",
+                         crop_scale=(0.5, 1.0))
+    prep = lambda v: normalize(v, spec.mean, spec.std)  # noqa: E731
+    torch.manual_seed(1)
+    net = get_network(STUDENT, 1, 10, 28)
+    gen, snap = torch.Generator().manual_seed(2), {}
+    losses = kd.train_network_kd(net, x, y, recipe, gen, torch.device("cpu"), soft_targets=soft, prepare=prep,
+                                 on_step=_stop_after_step(5, snap, gen))   # 3 steps per epoch: epoch 1, step 2
+    assert (snap["position"].epoch, snap["position"].step) == (1, 2)
+    resumed = get_network(STUDENT, 1, 10, 28)
+    resumed.load_state_dict(snap["net"])
+    gen2 = torch.Generator()
+    gen2.set_state(snap["gen"])
+    rest = kd.train_network_kd(resumed, x, y, recipe, gen2, torch.device("cpu"), soft_targets=soft, prepare=prep,
+                               resume=_resume_from(snap))
+    assert rest == losses
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed.state_dict().values()))
+
+
+@pytest.mark.parametrize("protocol", ["ce", "kd"])
+def test_sigterm_inside_a_long_epoch_stops_after_the_batch_in_flight_and_rerun_matches(protocol, files, tmp_path,
+                                                                                      monkeypatch):
+    """In process: SIGTERM arrives during the 4th training batch of the first epoch (10 batches per epoch). The run
+    checkpoints after that batch, not at the end of the epoch, exits 143, and the same command then finishes with
+    the uninterrupted run's numbers."""
+    def args(name):
+        common = ["--syn", str(files / "set"), "--data-path", str(files / "data"), "--epochs", "2", "--runs", "1",
+                  "--batch-size", "2", "--ckpt-every", "0", "--results", str(tmp_path / name / "r.json"), "--quiet"]
+        if protocol == "ce":
+            return common + ["--model", "ConvNet-1-w8", "--mix-p", "0.5", "--lr", "0.005"]
+        return common + ["--teacher", str(files / "teacher.pt"), "--model", STUDENT, "--lr", "0.003", "-T", "4"]
+    straight = CliRunner().invoke(validate.app, args("straight"))
+    assert straight.exit_code == 0, straight.output
+    real = validate.get_network
+    forwards = {"n": 0}
+
+    def signalling(*a, **k):
+        net = real(*a, **k)
+
+        def pre_hook(module, inputs):
+            if module.training:
+                forwards["n"] += 1
+                if forwards["n"] == 4:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        net.register_forward_pre_hook(pre_hook)
+        return net
+    monkeypatch.setattr(validate, "get_network", signalling)
+    r = CliRunner().invoke(validate.app, args("stopped"))
+    assert r.exit_code == 143, r.output
+    assert "stopped by SIGTERM; checkpoint written after batch 4 of epoch 1/2 of " in r.output, r.output
+    state = torch.load(validate.ckpt_path_for(tmp_path / "stopped" / "r.json"), weights_only=True)
+    assert (state["epoch"], state["step"], state["losses"]) == (0, 4, [])
+    monkeypatch.setattr(validate, "get_network", real)
     r = CliRunner().invoke(validate.app, args("stopped"))
     assert r.exit_code == 0, r.output
     assert _report(tmp_path / "stopped" / "r.json") == _report(tmp_path / "straight" / "r.json")

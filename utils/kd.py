@@ -16,12 +16,13 @@ Under torchrun (`dist` enabled) the student is wrapped in DistributedDataParalle
 batch order, views and mix (same seed), and rank r trains on rows r::world of every batch, so the union over
 ranks is exactly the single-process batch (decoupled.md §8.2, Validation).
 
-Resume works as in `utils.train.train_network`: `on_epoch_end` after every finished epoch, `resume` (a
-`utils.train.TrainResume`) to continue; the schedule depends on the epoch alone and the teacher holds no state
+Resume works as in `utils.train.train_network`: `on_epoch_end` after every finished epoch, `on_step` after every
+optimiser step (with the position inside the epoch), `resume` (a `utils.train.TrainResume`) to continue; the schedule depends on the epoch alone and the teacher holds no state
 that changes its labels (in train BN mode only its running buffers move, and those are not used to label).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ from utils.augment import crop_resize as _crop_resize
 from utils.checkpoint import check_finite
 from utils.errors import UserError
 from utils.misc import progress
-from utils.train import (EpochHook, TrainResume, _batches, _draw, cutmix, identity, mixed_cross_entropy,
-                         sample_beta)
+from utils.train import (EpochHook, StepHook, TrainResume, _batches, _draw, cutmix, identity, mid_epoch,
+                         mixed_cross_entropy, sample_beta)
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
 
@@ -328,8 +329,8 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      soft_targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      stored: StoredSoftLabels | None = None, prepare: Prepare = identity,
                      shard: Shard = Shard(), desc: str = "kd", *, resume: TrainResume | None = None,
-                     on_epoch_end: EpochHook | None = None, lower: str | None = None,
-                     ckpt: str | Path | None = None) -> list[float]:
+                     on_epoch_end: EpochHook | None = None, on_step: StepHook | None = None,
+                     lower: str | None = None, ckpt: str | Path | None = None) -> list[float]:
     """Train `net` in place on `images` (pixel space [0, 1], float or uint8 [N, C, R, R]) and return the
     per-epoch mean training loss (logs only, never selection).
 
@@ -341,8 +342,8 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
       recipe's batch size, crop and mix do not apply;
     - neither: cross-entropy on the hard labels, mixed like the views (the hard-label arm).
     Under DDP (`shard.world` > 1, process group initialised) each rank keeps rows rank::world of every batch.
-    `resume` / `on_epoch_end` / `lower` / `ckpt`: as in `utils.train.train_network` (`on_epoch_end` gets the bare
-    student, not its DDP wrapper).
+    `resume` / `on_epoch_end` / `on_step` / `lower` / `ckpt`: as in `utils.train.train_network` (the hooks get the
+    bare student, not its DDP wrapper).
     """
     check_recipe(recipe)
     if stored is not None and soft_targets is not None:
@@ -368,9 +369,15 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         factor = lr_factor(recipe.schedule, epoch, recipe.epochs, recipe.warmup_epochs, recipe.warmup_start)
         for g in opt.param_groups:
             g["lr"] = recipe.lr * factor
-        total, count = 0.0, 0
-        for views, target, y2, r in _epoch_batches(images, labels, recipe, generator, device, prepare, stored,
-                                                   stored_images, epoch, bs):
+        inside = mid_epoch(resume, epoch)
+        # the epoch's batch order (stored labels replay their own); a run resumed inside the epoch keeps its order
+        order = None if stored is not None else (
+            inside.order if inside is not None else torch.randperm(n, generator=generator))
+        total, count = (float(inside.total), int(inside.count)) if inside is not None else (0.0, 0)
+        first = inside.step if inside is not None else 0
+        batches = _epoch_batches(images, labels, recipe, generator, device, prepare, stored, stored_images, epoch,
+                                 bs, order, first)
+        for step, (views, target, y2, r) in enumerate(batches, start=first):
             rows = slice(shard.rank, None, shard.world)
             if len(views) < shard.world:  # too few rows for every rank: skipped everywhere alike
                 continue
@@ -393,6 +400,8 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             scaler.update()
             total += loss.item() * len(views)
             count += len(views)
+            if on_step is not None:
+                on_step(TrainResume(epoch, {}, list(losses), step + 1, order, total, count), net, opt)
         losses.append(total / max(count, 1))
         check_finite(losses[-1], f"epoch {epoch + 1}/{recipe.epochs} of {desc}",
                      lower or f"the lr (now {recipe.lr:g})", ckpt)
@@ -401,16 +410,16 @@ def train_network_kd(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return losses
 
 
-def _epoch_batches(images, labels, recipe, generator, device, prepare, stored, stored_images, epoch, bs
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-    """(views, teacher logits or labels, partner labels, label weight) for every batch of one epoch."""
+def _epoch_batches(images, labels, recipe, generator, device, prepare, stored, stored_images, epoch, bs, order,
+                   first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """(views, teacher logits or labels, partner labels, label weight) for every batch of one epoch from batch
+    `first` on (the ones before were trained before a stop; their draws are already in the restored generator)."""
     if stored is not None:  # T picks the stored tail mass of top-k labels; views are replayed on `device`
-        for views, logits in stored.epoch_batches(stored_images, epoch, temperature=recipe.temperature,
-                                                  device=device):
+        replayed = stored.epoch_batches(stored_images, epoch, temperature=recipe.temperature, device=device)
+        for views, logits in itertools.islice(replayed, first, None):
             yield views.to(device).float(), logits, logits, 1.0
         return
-    order = torch.randperm(len(images), generator=generator)
-    for start in range(0, len(images), bs):
+    for start in range(first * bs, len(images), bs):
         idx = order[start:start + bs]
         x = augment(_to_pixels(images[idx].to(device, non_blocking=True)), recipe, generator)
         y = labels[idx].to(device, non_blocking=True)

@@ -10,8 +10,11 @@ Inputs may be stored compactly (e.g. uint8 real images) and mapped to the networ
 with `prepare`, so a full training set never needs a float copy in memory.
 
 A caller that checkpoints (validate.py) passes `on_epoch_end`, called after every finished epoch with what it needs
-to save, and continues an interrupted run with `resume` (a `TrainResume`) after putting back the weights and RNGs.
-The lr schedule is a pure function of the epoch, so the epoch count is all of its state.
+to save, and `on_step`, called after every optimiser step with the loop's position inside the epoch (so a stop
+request is honoured within one batch, not at the end of a long epoch); it continues an interrupted run with
+`resume` (a `TrainResume`) after putting back the weights and RNGs. The lr schedule is a pure function of the
+epoch, so the epoch count is all of its state; inside an epoch the position adds the epoch's batch order, the
+batches done and the running loss sums (the generator the caller restores holds the draws still to come).
 """
 from __future__ import annotations
 
@@ -38,11 +41,27 @@ EpochHook = Callable[[int, nn.Module, torch.optim.Optimizer, list], None]
 @dataclass
 class TrainResume:
     """Where an interrupted training run continues: `epoch` epochs are done, `opt` is the optimiser's state_dict
-    after them and `losses` their mean losses. The caller has already put back the network's weights, the run's
+    at that moment and `losses` their mean losses. With `step` > 0 the run stopped inside epoch index `epoch`, after
+    its first `step` batches: `order` is that epoch's batch order (None where the loop draws none) and `total` /
+    `count` its running loss sum and sample count. The caller has already put back the network's weights, the run's
     generator and the global RNGs as they were at that moment."""
     epoch: int
     opt: dict
     losses: list
+    step: int = 0
+    order: torch.Tensor | None = None
+    total: float = 0.0
+    count: int = 0
+
+
+# on_step(position, net, optimiser): called after every optimiser step; `position` is the TrainResume that continues
+# the run from right after that step (its `opt` left empty: the hook takes optimiser.state_dict() if it saves)
+StepHook = Callable[[TrainResume, nn.Module, torch.optim.Optimizer], None]
+
+
+def mid_epoch(resume: TrainResume | None, epoch: int) -> TrainResume | None:
+    """`resume` when it continues inside `epoch`, else None (the epoch starts afresh)."""
+    return resume if resume is not None and resume.step > 0 and resume.epoch == epoch else None
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +205,12 @@ def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor,
 def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, recipe: TrainRecipe,
                   generator: torch.Generator, device: torch.device, prepare: Prepare = identity,
                   desc: str = "train", *, resume: TrainResume | None = None, on_epoch_end: EpochHook | None = None,
-                  lower: str | None = None, ckpt: str | Path | None = None) -> list[float]:
+                  on_step: StepHook | None = None, lower: str | None = None, ckpt: str | Path | None = None
+                  ) -> list[float]:
     """Train `net` in place; returns the per-epoch mean training loss (for logs, never for selection).
 
-    `resume` continues a run after its `epoch` finished epochs (see TrainResume); `on_epoch_end` sees every
-    finished epoch. A NaN/inf epoch loss stops with `utils.checkpoint.Diverged`, naming `lower` (the caller's lr
+    `resume` continues a run after its `epoch` finished epochs, or inside an epoch (see TrainResume);
+    `on_epoch_end` sees every finished epoch, `on_step` every optimiser step. A NaN/inf epoch loss stops with `utils.checkpoint.Diverged`, naming `lower` (the caller's lr
     flag; default "the lr") and the kept checkpoint `ckpt`; `on_epoch_end` never sees that epoch."""
     if not torch.isfinite(torch.tensor(recipe.lr)) or recipe.lr <= 0:
         raise UserError(f"training lr must be a positive finite number, got {recipe.lr}")
@@ -212,15 +232,19 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
         opt.load_state_dict(resume.opt)
         start, losses = resume.epoch, [float(v) for v in resume.losses]
     for epoch in progress(range(start, recipe.epochs), total=recipe.epochs - start, desc=desc):
-        if recipe.schedule == "mtt" and epoch == mtt_drop_epoch(recipe.epochs) + 1:  # the reference's new optimiser
+        inside = mid_epoch(resume, epoch)
+        # the reference's new optimiser (a run resumed inside that epoch already holds the new one's state)
+        if recipe.schedule == "mtt" and epoch == mtt_drop_epoch(recipe.epochs) + 1 and inside is None:
             opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                   weight_decay=recipe.weight_decay)
         for g in opt.param_groups:
             g["lr"] = recipe.lr * _lr_factor(recipe.schedule, epoch, recipe.epochs)
-        order = torch.randperm(n, generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
+        order = inside.order if inside is not None else torch.randperm(n, generator=generator)
+        total, count = (float(inside.total), int(inside.count)) if inside is not None else (0.0, 0)
+        for step, first in enumerate(range(0, n, bs)):
+            if inside is not None and step < inside.step:
+                continue   # done before the stop; the restored generator already holds the draws after it
+            idx = order[first:first + bs]
             x = prepare(inputs[idx].to(device, non_blocking=True))
             y = labels[idx].to(device, non_blocking=True)
             if recipe.batch_standardize:
@@ -242,6 +266,8 @@ def train_network(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, re
             scaler.update()
             total += loss.item() * len(idx)
             count += len(idx)
+            if on_step is not None:
+                on_step(TrainResume(epoch, {}, list(losses), step + 1, order, total, count), net, opt)
         losses.append(total / count)
         check_finite(losses[-1], f"epoch {epoch + 1}/{recipe.epochs} of {desc}",
                      lower or f"the lr (now {recipe.lr:g})", ckpt)
