@@ -39,7 +39,7 @@ from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng
                               settings_fingerprint, state_dict)
 from utils.io import atomic_torch_save, atomic_write_json, check_writable, refuse_overlap, run_lock, safe_torch_load
 from utils.kmeans import representatives
-from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything
+from utils.misc import require_at_least, RunLog, cli_errors, progress, resolve_device, seed_everything, step
 from utils.signals import StopRequest
 from utils.synset import SyntheticSet, make_meta, save_grid, save_synset
 from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
@@ -493,6 +493,12 @@ def check_enough_images(cfg: CondenseConfig, class_indices: list[torch.Tensor]) 
     return need
 
 
+def kmeans_init(cfg: CondenseConfig) -> bool:
+    """Whether S starts from DREAM's k-means picks (§7.2): --init kmean, or DREAM's mix with --f2-init kmean."""
+    mode = init_mode(cfg)
+    return mode == "kmean" or (mode == "mix" and cfg.dream and cfg.f2_init == "kmean")
+
+
 def initial_images(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, class_indices: list[torch.Tensor],
                    net, gen: torch.Generator) -> torch.Tensor:
     """S at iteration 0 (§1.3, §7.2), pixel space [0, 1], class-major [N*ipc, C, R, R]."""
@@ -503,8 +509,8 @@ def initial_images(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor,
     if mode == "noise":
         return S
     need = check_enough_images(cfg, class_indices)
-    use_kmeans = mode == "kmean" or (mode == "mix" and cfg.dream and cfg.f2_init == "kmean")
-    for c in range(n_cls):
+    use_kmeans = kmeans_init(cfg)
+    for c in progress(range(n_cls), total=n_cls, desc="k-means init", disable=None if use_kmeans else True):
         pool = class_indices[c]
         if use_kmeans:   # DREAM: nearest images to k-means centres of an untrained network's embeddings (§7.2)
             chosen = pool[dream_batch(net, images[pool], need, spec, cfg, gen).cpu()]
@@ -563,7 +569,9 @@ def condense(cfg: CondenseConfig, spec: DatasetSpec, images: torch.Tensor, label
         gen.manual_seed(cfg.seed)
         net = fresh_network(cfg, spec, seed_for(cfg.seed, 0), device)
         opt = make_optimizer(net, cfg)
-        S = initial_images(cfg, spec, images, class_indices, net, gen)
+        with step(f"clustering each class's embeddings (k-means) for the {n_cls * ipc} initial images",
+                  quiet=log.quiet or not kmeans_init(cfg)):
+            S = initial_images(cfg, spec, images, class_indices, net, gen)
         state = RunState(S=S, buf=torch.zeros_like(S))
         if on_init is not None:
             on_init(state)

@@ -145,3 +145,20 @@ def test_stage_under_a_pipe_writes_no_carriage_return(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "decoding 4 images once" in r.stderr
     assert torch.load(next((tmp_path / "c").glob("*.pt")), weights_only=True)["images"].shape == (4, 3, 8, 8)
+
+
+def test_dream_kmeans_initialisation_announces_itself(tmp_path):
+    """condense.py --dream clusters every class before its first iteration: that step says so on stderr."""
+    from typer.testing import CliRunner
+    import condense
+    from tests.test_validate import make_mnist_like
+    (tmp_path / "data").mkdir()
+    make_mnist_like(tmp_path / "data")
+    args = ["-d", "MNIST", "--data-path", str(tmp_path / "data"), "--ipc", "1", "-f", "1", "--train-subset", "5",
+            "--outer-iterations", "1", "--inner-loop", "1", "--n-data", "20", "--batch-real", "4", "--net",
+            "ConvNet-1-w8", "--out"]
+    r = CliRunner().invoke(condense.app, [*args, str(tmp_path / "dream"), "--dream", "--init", "kmean"])
+    assert r.exit_code == 0, r.output
+    assert "clustering each class's embeddings (k-means) for the 10 initial images ..." in r.output
+    r = CliRunner().invoke(condense.app, [*args, str(tmp_path / "idc")])   # IDC's real init clusters nothing
+    assert r.exit_code == 0 and "clustering" not in r.output
