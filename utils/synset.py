@@ -469,9 +469,12 @@ def _check_meta(meta: dict, where: Path | str) -> None:
                             "(std > 0)")
 
 
-def _nonfinite(name: str, t: torch.Tensor, where: Path | str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+def _nonfinite(name: str, t: torch.Tensor, where: Path | str, chunk: int = 1 << 24) -> None:
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)   # in chunks: an ImageNet-size set must not need a second full-size (boolean) copy
+    bad = sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+    if bad:
         raise UserError(f"{where} holds {bad} NaN/Inf values in {name}: the file is damaged or the run that made "
                         "it diverged; it cannot be trained on")
 
