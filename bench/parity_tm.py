@@ -33,6 +33,8 @@ class TMCase:
     dataset: str = "CIFAR10"     # 3 channels, 32 px, 10 classes: the originals' FReeNet decodes 3 channels
     model: str = "ConvNet"       # the originals' default student (width 128, depth 3, instance norm)
     syn_steps: int = 4
+    dsa_steps: int = 8           # the unroll with DSA (shared draws): more steps, so more families are drawn
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"   # both originals' default, mode single
     target_noise: float = 0.01   # theta* = theta_0 + this * N(0, 1), per tensor
     # MTT
     ipc: int = 2
@@ -89,15 +91,17 @@ def shared_expert(cfg, spec, gen: torch.Generator, noise: float) -> tuple[list, 
 
 @contextlib.contextmanager
 def _recording_batch_generator():
-    """Wrap distill.unroll_batches to record the generator state it draws the synthetic batches from, so the same
-    permutations can be drawn again (for the original and for our gradient-only pass)."""
+    """Wrap distill.unroll_batches to record the generator state before it draws the synthetic batches (so the
+    same permutations can be drawn again) and after (where plan_unroll's DSA draws begin)."""
     import distill
     real = distill.unroll_batches
     seen: list = []
 
     def recording(n, batch, steps, gen):
-        seen.append(gen.get_state())
-        return real(n, batch, steps, gen)
+        before = gen.get_state()
+        out = real(n, batch, steps, gen)
+        seen.append((before, gen.get_state()))
+        return out
 
     distill.unroll_batches = recording
     try:
@@ -113,35 +117,44 @@ def permutations(state: torch.Tensor, n: int, count: int) -> list[torch.Tensor]:
     return [torch.randperm(n, generator=g) for _ in range(count)]
 
 
-def run_ours(cfg, spec, make_params, start: list, target: list, seed: int) -> dict:
-    """One outer iteration of distill.distill (updated tensors), then the loss and its gradients from the same
-    batches through unrolled_loss and checkpointed_loss. `make_params()` builds the parameterisation in the shared
-    initial state."""
+def run_ours(cfg, spec, make_params, start: list, target: list, seed: int, outer_step: bool = True) -> dict:
+    """With `outer_step`, one outer iteration of distill.distill (the updated tensors); then, from the generator
+    state its unroll drew from (or a generator seeded `seed`), the loss and its gradients through unrolled_loss and
+    checkpointed_loss (only unrolled_loss without `outer_step`). `make_params()` builds the parameterisation in the
+    shared initial state. Returns also the generator states where the batches and the DSA draws began."""
     import distill as D
     from utils.misc import RunLog
     from utils.trajectory import ExpertStream, flatten_snapshot, save_buffer_file
 
     n = D.num_images(cfg, spec)
     gen = torch.Generator().manual_seed(seed)
-    params = make_params()
-    with tempfile.TemporaryDirectory(prefix="ddt-parity-tm-") as tmp:
-        buf = Path(tmp) / "replay_buffer_0.pt"
-        save_buffer_file([[start, target]], buf)
-        stream = ExpertStream([buf], gen)
-        with _recording_batch_generator() as seen:
-            state = D.distill(cfg, spec, params, stream, gen, "cpu", RunLog(None, quiet=True), D.RunState())
-    if len(seen) != 1:
-        raise RuntimeError(f"expected one unroll in one outer iteration, saw {len(seen)}")
-    out = {"updated": params, "updated_lr": state.alpha, "batch_state": seen[0], "n": n,
-           "history": state.history[-1]}
+    out = {"n": n}
+    if outer_step:
+        params = make_params()
+        with tempfile.TemporaryDirectory(prefix="ddt-parity-tm-") as tmp:
+            buf = Path(tmp) / "replay_buffer_0.pt"
+            save_buffer_file([[start, target]], buf)
+            stream = ExpertStream([buf], gen)
+            with _recording_batch_generator() as seen:
+                state = D.distill(cfg, spec, params, stream, gen, "cpu", RunLog(None, quiet=True), D.RunState())
+        if len(seen) != 1:
+            raise RuntimeError(f"expected one unroll in one outer iteration, saw {len(seen)}")
+        out.update(updated=params, updated_lr=state.alpha, batch_state=seen[0][0])
+    else:
+        out["batch_state"] = gen.get_state()
 
     student = D.make_student(cfg, spec)
+    dsa = D.DSA(cfg.dsa_strategy, mode="single") if cfg.dsa else None
     labels = torch.arange(spec.num_classes).repeat_interleave(n // spec.num_classes)
-    for name, loss_fn in (("unrolled", D.unrolled_loss), ("checkpointed", D.checkpointed_loss)):
+    passes = (("unrolled", D.unrolled_loss), ("checkpointed", D.checkpointed_loss))
+    for name, loss_fn in passes if outer_step else passes[:1]:
         g = torch.Generator()
-        g.set_state(seen[0])
-        u, used = D.plan_unroll(student, flatten_snapshot(start), flatten_snapshot(target), labels, n, cfg, None, g,
-                                (spec.resolution,) * 2, "cpu")
+        g.set_state(out["batch_state"])
+        with _recording_batch_generator() as seen:
+            u, used = D.plan_unroll(student, flatten_snapshot(start), flatten_snapshot(target), labels, n, cfg, dsa,
+                                    g, (spec.resolution,) * 2, "cpu")
+        out["dsa_state"] = seen[0][1]
+        out["dsa_ops"] = [[op for op, _ in plan] for plan in u.plans if plan is not None]
         p = make_params()
         alpha = torch.tensor(cfg.lr_teacher, requires_grad=True)
         match = loss_fn(u, p.decode(used), alpha)
@@ -150,6 +163,12 @@ def run_ours(cfg, spec, make_params, start: list, target: list, seed: int) -> di
         out[name] = {"params": p, "alpha": alpha, "match": match.detach(), "reg": reg.detach()}
     out["layout"] = torch.tensor(student.numels)
     return out
+
+
+def _dsa_note(ours: dict) -> str:
+    from utils.dsa import OP_FAMILY
+    families = sorted({OP_FAMILY[op] for plan in ours["dsa_ops"] for op in plan})
+    return f"families drawn: {', '.join(families)}"
 
 
 def expert_lines(method: str, root: Path, args, case: TMCase, variants: list[tuple[str, bool, bool, str]]
@@ -223,7 +242,23 @@ def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
                   (f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"])]
     pairs += [("images after the outer step", ours["updated"].images.detach(), theirs["images"]),
               ("syn_lr after the outer step", ours["updated_lr"], theirs["syn_lr"])]
-    return _lines("mtt", pairs, args.tol) + expert_lines("mtt", root, args, case, [
+    lines = _lines("mtt", pairs, args.tol)
+
+    # DSA on: the original's DiffAugment draws from the global RNG, which is set to the state our plan_unroll's
+    # DSA sampling started from; both draw the family, then each op's values, step by step, in the same order.
+    cfg_dsa = replace(cfg, dsa=True, syn_steps=case.dsa_steps, dsa_strategy=case.dsa_strategy)
+    ours_dsa = run_ours(cfg_dsa, spec, lambda: PixelImages(cfg_dsa, spec, "cpu", images), start, target,
+                        args.seed + 6, outer_step=False)
+    theirs_dsa = run_original(root, ADAPTER, "mtt_step", {
+        **payload, "syn_steps": cfg_dsa.syn_steps, "through": "backward", "dsa_state": ours_dsa["dsa_state"],
+        "dsa_strategy": cfg_dsa.dsa_strategy,
+        "perms": permutations(ours_dsa["batch_state"], n, cfg_dsa.syn_steps)}, threads=getattr(args, "threads", 1))
+    o, note, tag = ours_dsa["unrolled"], _dsa_note(ours_dsa), f" [DSA, {cfg_dsa.syn_steps} steps]"
+    lines += [compare("mtt", f"matching loss{tag}", o["match"], theirs_dsa["loss"], tol=args.tol, note=note),
+              compare("mtt", f"d loss / d images{tag}", o["params"].images.grad, theirs_dsa["grad_images"],
+                      tol=args.tol),
+              compare("mtt", f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs_dsa["grad_syn_lr"], tol=args.tol)]
+    return lines + expert_lines("mtt", root, args, case, [
         (" [--no-batch-standardize]", False, True, ""),
         (" (buffer.py default)", True, False, "buffer.py standardises every batch by default, as SPEED's buffer.py "
          "does (speed.md §1.3); MTT's does not, --no-batch-standardize is MTT's behaviour")])
@@ -318,6 +353,21 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
                           gating=False, note="compact storage keeps exactly k per (image, head), lowest position "
                           "first among ties; the original keeps every tie (speed.md bug 11, §3.3); topk_prune "
                           "above reproduces the original")]
+    cfg_dsa = replace(cfg, dsa=True, syn_steps=case.dsa_steps, dsa_strategy=case.dsa_strategy)
+    ours_dsa = run_ours(cfg_dsa, spec, make_params, start, target, args.seed + 6, outer_step=False)
+    payload_dsa = {k: v for k, v in payload.items() if k not in ("sparsify", "top_k")}
+    theirs_dsa = run_original(root, ADAPTER, "speed_step", {
+        **payload_dsa, "syn_steps": cfg_dsa.syn_steps, "through": "backward", "dsa_state": ours_dsa["dsa_state"],
+        "dsa_strategy": cfg_dsa.dsa_strategy,
+        "perms": permutations(ours_dsa["batch_state"], n, cfg_dsa.syn_steps)}, threads=getattr(args, "threads", 1))
+    o, note, tag = ours_dsa["unrolled"], _dsa_note(ours_dsa), f" [DSA, {cfg_dsa.syn_steps} steps]"
+    lines += [compare(m, f"matching loss{tag}", o["match"], theirs_dsa["loss"], tol=args.tol, note=note),
+              compare(m, f"d loss / d SAET{tag}", o["params"].saet.grad, theirs_dsa["grad_saet"], tol=args.tol),
+              compare(m, f"d loss / d SCM (incl. L1){tag}", o["params"].scm.grad, theirs_dsa["grad_scm"],
+                      tol=args.tol),
+              _worst(m, f"d loss / d FReeNet{tag}", _freenet_grads(o["params"].freenet), theirs_dsa["grad_freenet"],
+                     args.tol),
+              compare(m, f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs_dsa["grad_syn_lr"], tol=args.tol)]
     return lines + expert_lines("speed", root, args, case, [(" (buffer.py default)", True, True, "")])
 
 

@@ -22,7 +22,8 @@ from original_runner import OriginalFailed, run_original  # noqa: E402
 
 # Tiny shapes: a width-8, depth-1 ConvNet on CIFAR-10's 32 px, 2-step unrolls, SPEED with 4 tokens of width 8.
 CASE = parity_tm.TMCase(model="ConvNet-1-w8", syn_steps=3, ipc=1, n_per_class=2, batch_syn=6, num_saet=4, dim=8,
-                        depth=2, heads=2, patch=8, top_k=6, expert_images=12, expert_batch=5, expert_epochs=2)
+                        depth=2, heads=2, patch=8, top_k=6, expert_images=12, expert_batch=5, expert_epochs=2,
+                        dsa_steps=3, dsa_strategy="flip")
 ARGS = argparse.Namespace(seed=0, tol=1e-5)
 
 UTILS = """
@@ -47,7 +48,12 @@ class ParamDiffAug:
     pass
 
 def DiffAugment(x, strategy='', seed=-1, param=None):
-    raise AssertionError("augmentation must be off in the parity step")
+    # mode single from the global RNG: a family, then its draws (the stand-in knows only flip)
+    families = strategy.split('_')
+    family = families[torch.randint(0, len(families), size=(1,)).item()]
+    if family != 'flip':
+        raise AssertionError('the stand-in implements flip only')
+    return torch.where(torch.rand(x.size(0), 1, 1, 1) < FLIP_BELOW, x.flip(3), x)
 
 def epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     for x, y in dataloader:
@@ -165,7 +171,10 @@ def main(args):
             if not chunks:
                 chunks = list(torch.split(torch.randperm(len(image_syn)), args.batch_syn))
             idx = chunks.pop()
-            out = student_net(image_syn[idx], flat_param=theta)
+            x = image_syn[idx]
+            if args.dsa and not args.no_aug:
+                x = DiffAugment(x, args.dsa_strategy, param=args.dsa_param)
+            out = student_net(x, flat_param=theta)
             g = torch.autograd.grad(criterion(out, label_syn[idx]), theta, create_graph=True)[0]
             theta = {STEP}
         grand_loss = ((theta - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
@@ -198,6 +207,8 @@ def main(args):
                                           args.batch_syn))
             idx = chunks.pop()
             x = freenet.forward(saet.repeat(len(idx), 1, 1), scm[idx])
+            if args.dsa and not args.no_aug:
+                x = DiffAugment(x, args.dsa_strategy, param=args.dsa_param)
             g = torch.autograd.grad(criterion(student_net(x, flat_param=theta), label_syn[idx]), theta,
                                     create_graph=True)[0]
             mom = args.momentum * mom + (1 - args.momentum) * g
@@ -216,11 +227,11 @@ def main(args):
 """
 
 
-def _original(tmp_path: Path, distill: str, speed: bool) -> Path:
+def _original(tmp_path: Path, distill: str, speed: bool, flip_below: float = 0.5) -> Path:
     root = tmp_path / ("speed" if speed else "mtt")
     root.mkdir()
     # SPEED's epoch() standardises every batch (speed.md §1.3), MTT's does not
-    (root / "utils.py").write_text(UTILS.replace("STANDARDIZE", str(speed)))
+    (root / "utils.py").write_text(UTILS.replace("STANDARDIZE", str(speed)).replace("FLIP_BELOW", str(flip_below)))
     (root / "reparam_module.py").write_text(REPARAM)
     (root / "distill.py").write_text(distill)
     (root / "buffer.py").write_text(BUFFER)
@@ -241,8 +252,10 @@ def test_mtt_parity_passes_against_a_matching_original(tmp_path):
     assert all(line.ok for line in lines) and sum(not line.gating for line in lines) == 1
     for name in ("matching loss", "d loss / d images", "d loss / d syn_lr", "d loss / d images [--checkpoint-unroll]",
                  "images after the outer step", "syn_lr after the outer step",
-                 "expert trajectory, 2 epochs [--no-batch-standardize]"):
+                 "expert trajectory, 2 epochs [--no-batch-standardize]", "matching loss [DSA, 3 steps]",
+                 "d loss / d images [DSA, 3 steps]"):
         assert q[name].rel <= 1e-5
+    assert q["matching loss [DSA, 3 steps]"].note == "families drawn: flip"
     info = q["expert trajectory, 2 epochs (buffer.py default)"]    # ours standardises batches, MTT's does not
     assert not info.gating and info.rel > 1e-3 and "--no-batch-standardize" in info.note
 
@@ -255,6 +268,14 @@ def test_mtt_parity_fails_on_a_divergent_inner_step(tmp_path):
         assert not q[name].ok, name
 
 
+def test_mtt_parity_fails_when_the_augmentation_draws_differ(tmp_path):
+    # the stand-in never flips (ours flips where the draw is < 0.5): only the DSA lines can see it
+    root = _original(tmp_path, MTT_DISTILL.replace("{STEP}", "theta - syn_lr * g"), speed=False, flip_below=-1.0)
+    q = _by_quantity(parity_tm.check_mtt(root, ARGS, CASE))
+    assert q["matching loss"].ok and q["d loss / d images"].ok
+    assert not q["d loss / d images [DSA, 3 steps]"].ok
+
+
 def test_speed_parity_passes_and_names_the_storage_fix(tmp_path):
     root = _original(tmp_path, SPEED_DISTILL.replace("{STEP}", "theta - syn_lr * mom"), speed=True)
     lines = parity_tm.check_speed(root, ARGS, CASE)
@@ -264,7 +285,7 @@ def test_speed_parity_passes_and_names_the_storage_fix(tmp_path):
     for name in ("matching loss", "L1 term", "d loss / d SAET", "d loss / d SCM (incl. L1)", "d loss / d FReeNet",
                  "d loss / d syn_lr", "SCM after the outer step", "FReeNet after the outer step",
                  "decode of the saved top-k set (decode_images)", "top-k sparsification, tied values (topk_prune)",
-                 "expert trajectory, 2 epochs (buffer.py default)"):
+                 "expert trajectory, 2 epochs (buffer.py default)", "d loss / d SCM (incl. L1) [DSA, 3 steps]"):
         assert q[name].gating and q[name].rel <= 1e-5, name
     info = q["top-k codes as saved, tied values (pack_scm)"]
     assert not info.gating and info.rel > 0 and "bug 11" in info.note   # ties: the original keeps more than k

@@ -15,7 +15,9 @@ How the random draws of those statements are aligned:
 - synthetic batch order: `torch.randperm` returns, in order, the permutations the bench drew for our side (the
   original re-seeds the global RNG from the wall clock when it builds the student, speed.md bug 8, so its own
   draws could not be aligned);
-- augmentation: off (`args.dsa` False and `args.no_aug` True), as on our side.
+- augmentation: off (`args.dsa` False and `args.no_aug` True), as on our side; or, when the bench sends
+  `dsa_state`, on, with the global RNG set to that state at the first permutation: the original's DiffAugment then
+  draws (family, then each op's values, step by step) what the bench's DSA sampler drew from the same state.
 """
 from __future__ import annotations
 
@@ -103,12 +105,17 @@ def _statements(root: Path, through: str) -> types.CodeType:
 
 
 @contextlib.contextmanager
-def _given_permutations(perms: list[torch.Tensor]):
-    """`torch.randperm` hands out the bench's permutations in order (and refuses a size it was not given)."""
+def _given_permutations(perms: list[torch.Tensor], rng_state: torch.Tensor | None = None):
+    """`torch.randperm` hands out the bench's permutations in order (and refuses a size it was not given). With
+    `rng_state`, the first call also sets the global RNG to it: the original's DiffAugment draws from the global RNG
+    after that point, so its draws are the ones the bench's DSA sampler made from the same state."""
     queue = list(perms)
     saved = torch.randperm
+    pending = [rng_state] if rng_state is not None else []
 
     def randperm(n, *args, **kwargs):
+        if pending:
+            torch.set_rng_state(pending.pop())
         if not queue:
             raise RuntimeError("the original drew more synthetic-batch permutations than the bench prepared")
         p = queue.pop(0)
@@ -128,10 +135,13 @@ class _Args(types.SimpleNamespace):
 
 
 def _common_args(payload: dict) -> _Args:
+    """Augmentation off, unless the bench sends the RNG state its DSA draws started from (then DSA on)."""
     from utils import ParamDiffAug
+    dsa = payload.get("dsa_state") is not None
     return _Args(model=payload["model"], device="cpu", distributed=False, load_all=True, max_start_epoch=1,
                  expert_epochs=1, syn_steps=int(payload["syn_steps"]), batch_syn=int(payload["batch_syn"]),
-                 dsa=False, no_aug=True, dsa_strategy="color_crop_cutout_flip_scale_rotate",
+                 dsa=dsa, no_aug=not dsa,
+                 dsa_strategy=payload.get("dsa_strategy", "color_crop_cutout_flip_scale_rotate"),
                  dsa_param=ParamDiffAug(), texture=False)
 
 
@@ -163,7 +173,7 @@ def mtt_step(root: Path, payload: dict) -> dict:
               optimizer_img=torch.optim.SGD([image_syn], lr=args.lr_img, momentum=0.5),
               optimizer_lr=torch.optim.SGD([syn_lr], lr=args.lr_lr, momentum=0.5))
     through = payload.get("through", "backward")
-    with _given_permutations(payload["perms"]):
+    with _given_permutations(payload["perms"], payload.get("dsa_state")):
         exec(_statements(root, through), ns)
     # the optimiser steps leave .grad in place, so the gradients are read after either slice
     out = {"loss": ns["grand_loss"].detach().clone(), "layout": _layout(ns),
@@ -207,7 +217,7 @@ def speed_step(root: Path, payload: dict) -> dict:
               optimizer_freenet=torch.optim.SGD(freenet.parameters(), lr=float(lrs["freenet"]), momentum=0.95),
               optimizer_lr=torch.optim.SGD([syn_lr], lr=float(lrs["lr"]), momentum=0.95))
     through = payload.get("through", "backward")
-    with _given_permutations(payload["perms"]):
+    with _given_permutations(payload["perms"], payload.get("dsa_state")):
         exec(_statements(root, through), ns)
     out = {"loss": ns["grand_loss"].detach().clone(), "l1": ns["l1_penalty"].detach().clone(),
            "layout": _layout(ns), "grad_saet": saet.grad.clone(), "grad_scm": scm.grad.clone(),
