@@ -196,6 +196,14 @@ def test_sampled_ranges_follow_params():
     assert custom[0][1]["angle"].abs().max() <= math.radians(5) + 1e-6
 
 
+def test_rotate_angle_is_computed_in_the_originals_float32_order():
+    # (u - 0.5) * 2 * ratio / 180 * pi, bit for bit; math.radians(ratio) as one factor is off by an ulp for some u
+    u = torch.rand(4000, generator=_gen(3))
+    angle = DSA("rotate", mode="all").sample(4000, 8, 8, generator=_gen(3))[0][1]["angle"]
+    assert torch.equal(angle, (u - 0.5) * 2 * 15.0 / 180 * math.pi)
+    assert not torch.equal(angle, (u - 0.5) * 2.0 * math.radians(15.0))
+
+
 def test_identity_warps_and_quarter_turn():
     x = _images(2, size=8)
     for align in (True, False):

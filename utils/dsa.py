@@ -141,7 +141,10 @@ def _sample_op(op: str, n: int, height: int, width: int, p: DSAParams, g: torch.
         low = 1.0 / p.scale
         return {"sx": _uniform(n, g) * (p.scale - low) + low, "sy": _uniform(n, g) * (p.scale - low) + low}
     if op == "rotate":
-        return {"angle": (_uniform(n, g) - 0.5) * 2.0 * math.radians(p.rotate)}
+        # The originals' float32 order, (u - 0.5) * 2 * ratio / 180 * pi: the same draw gives the same angle to the
+        # last bit. math.radians(ratio) as one factor differs by an ulp, which the unrolled meta-gradient of
+        # MTT/SPEED amplifies to ~1e-3 relative (bench/parity.py --method mtt, the [DSA] lines).
+        return {"angle": (_uniform(n, g) - 0.5) * 2 * p.rotate / 180 * math.pi}
     raise ValueError(f"unknown DSA op {op!r}")
 
 
