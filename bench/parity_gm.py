@@ -7,6 +7,7 @@ Each check builds the shared state here (images, stored synthetic images, networ
 sends it to bench/original_side/gm.py, which runs the original's own functions on it in a subprocess, computes
 the same quantity with this toolkit's functions (condense.py, utils/formation.py, utils/dsa.py, utils/kmeans.py)
 and compares. What each line compares, and how random draws are aligned, is in docs/PARITY.md ("IDC and DREAM").
+Bare `§N` references in this module are sections of docs/methods/idc_dream.md.
 
 Random draws: the original's batch-mode DiffAug draws its parameters with np.random.uniform/randint; the bench
 draws them once and replays the same values to both samplers (np.random on the original's side, utils.dsa's
