@@ -4,7 +4,7 @@
     python condense.py --reproduce -d cifar10 -f 2 --ipc 10 --dream --out runs/dream_cifar10_f2_ipc10
     python validate.py --syn runs/idc_cifar10_f2_ipc10 --preset idc --baseline random --baseline herding
 
-Spec: ../shared/specs/idc_dream.md (section numbers below refer to it). The synthetic set S holds `ipc` stored images
+Spec: docs/methods/idc_dream.md (section numbers below refer to it). The synthetic set S holds `ipc` stored images
 per class in pixel space [0, 1]; decoding (utils/formation.py) turns each into f*f training images. Every outer
 iteration re-initialises the matching network; each of its `inner_loop` inner iterations matches, class by class,
 the gradient a real batch and the decoded synthetic images induce on the network's conv kernels, then trains the

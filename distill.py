@@ -5,7 +5,7 @@
     python distill.py --dataset CIFAR10 --zca --ipc 1 --method mtt
     python validate.py --syn runs/distill/CIFAR10/speed_ipc10 --preset speed --baseline random
 
-Spec: ../shared/specs/speed.md (section numbers below refer to it). Each outer iteration takes the next expert
+Spec: docs/methods/speed.md (section numbers below refer to it). Each outer iteration takes the next expert
 trajectory, a start epoch s, and unrolls a student network from the expert's parameters at epoch s for syn_steps
 SGD steps on synthetic minibatches; the loss is the normalised distance between where the student lands and the
 expert's parameters at epoch s + expert_epochs (§3.7). Everything the synthetic images are made of receives the

@@ -6,7 +6,7 @@
     python recover.py --method delt --teacher teachers/cifar10_conv3.pt --init-path init/medium --ipc 10 --out syn/delt
     python validate.py --syn syn/delt --teacher teachers/cifar10_conv3.pt --preset delt --baseline random
 
-Spec: ../shared/specs/decoupled.md (section numbers below refer to it). Pixels x (normalised space of the teacher)
+Spec: docs/methods/decoupled.md (section numbers below refer to it). Pixels x (normalised space of the teacher)
 are optimised so that the frozen teacher (eval mode) classifies each image as its target class and the statistics
 of the activations entering every BatchNorm layer match the layer's running statistics (§1.3). Methods:
 - sre2l: Gaussian init, one image per class per batch (§3);

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 relabel.py ...      # same files, batches shared out by id
     python relabel.py ... --topk 100                 # ~10x less storage than full IN-1K logits
 
-Spec: ../shared/specs/decoupled.md (section numbers below refer to it): §6.1 (procedure and record content), §6.2
+Spec: docs/methods/decoupled.md (section numbers below refer to it): §6.1 (procedure and record content), §6.2
 (how the labels are consumed), §8.1/§8.2 (sharding by batch id), §9.1 item 16 (storage), §9.3 (top-k).
 
 For every epoch e and every batch b of a seeded permutation of the N images, relabel draws per image a

@@ -9,7 +9,7 @@ write it as a teacher file (utils/teacher.py), so its normalisation and class or
     python squeeze.py --weights ckpt.pth --dataset CIFAR100 --arch resnet18_modified --norm cifar10 --out t.pt
     python squeeze.py --eval-only teachers/cifar100_rn18.pt --data-path data/cifar100
 
-Spec: ../shared/specs/decoupled.md, section numbers below refer to it. Three modes:
+Spec: docs/methods/decoupled.md, section numbers below refer to it. Three modes:
 - training (default): a recipe of §2 (`--recipe`, every value overridable) or a dataset-derived default. Real images
   stay uint8 in memory (streamed from files for ImageNet-size splits) and are augmented batch by batch with the run's
   own torch.Generator. The test split is evaluated every --eval-every epochs and after the last one; the teacher is
