@@ -214,8 +214,9 @@ def _lines(method: str, pairs: list[tuple[str, object, object]], tol: float) -> 
 
 
 def check_mtt(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
-    """MTT: matching loss, d/d images, d/d syn_lr (whole unroll and --checkpoint-unroll), and the images and lr
-    after the outer step (SGD momentum 0.5, no clamp)."""
+    """MTT: matching loss, d/d images, d/d syn_lr (whole unroll and --checkpoint-unroll), the images and lr after
+    the outer step (SGD momentum 0.5, no clamp), the loss and gradients with DSA on (shared draws), and one expert's
+    training (buffer.py --no-batch-standardize gating, its default as INFO)."""
     from distill import PixelImages
     if (root / "recurrent_block.py").is_file():
         raise OriginalFailed(f"--original {root} is SPEED's checkout (it has recurrent_block.py); --method mtt "
@@ -282,7 +283,8 @@ def _freenet_grads(net) -> dict:
 def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     """SPEED: matching loss and L1 term; d total loss / d SAET, SCM, FReeNet, syn_lr (whole unroll and
     --checkpoint-unroll); the tensors after the four outer steps and the lr clamp; the decode of the dense codes,
-    the top-k sparsification (also on tied values) and the decode of the top-k codes as saved."""
+    the top-k sparsification (also on tied values) and the decode of the top-k codes as saved; the loss and
+    gradients with DSA on (shared draws); one expert's training (buffer.py)."""
     from distill import SpeedCode
     from utils.speed import decode_images, pack_scm, topk_prune, unpack_scm
     spec = _spec(case)
@@ -313,7 +315,6 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     tied = (shared.scm.detach() * 4).round() / 4
     payload.update(top_k=cfg.top_k, sparsify={"random": common["scm"], "tied": tied})
     theirs = run_original(root, ADAPTER, "speed_step", payload, threads=getattr(args, "threads", 1))
-    dec = theirs
 
     m = "speed"
     lines = [compare(m, "student parameter layout (sizes, in order)", ours["layout"], torch.tensor(theirs["layout"]),
@@ -339,17 +340,17 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
         dense = shared.decode(torch.arange(n))
         packed = pack_scm(shared.scm, cfg.top_k)
         saved = decode_images(shared.saet, packed, shared.freenet, L)
-        lines += [compare(m, "decode of the dense codes (the unroll's images)", dense, dec["decode"], tol=args.tol),
+        lines += [compare(m, "decode of the dense codes (the unroll's images)", dense, theirs["decode"], tol=args.tol),
                   compare(m, "top-k sparsification (topk_prune)", topk_prune(shared.scm, cfg.top_k),
-                          dec["sparse_random"], tol=args.tol),
+                          theirs["sparse_random"], tol=args.tol),
                   compare(m, "top-k codes as saved (pack_scm -> unpack_scm)", unpack_scm(packed, L, cfg.num_saet),
-                          dec["sparse_random"], tol=args.tol),
-                  compare(m, "decode of the saved top-k set (decode_images)", saved, dec["decode_random"],
+                          theirs["sparse_random"], tol=args.tol),
+                  compare(m, "decode of the saved top-k set (decode_images)", saved, theirs["decode_random"],
                           tol=args.tol),
                   compare(m, "top-k sparsification, tied values (topk_prune)", topk_prune(tied, cfg.top_k),
-                          dec["sparse_tied"], tol=args.tol),
+                          theirs["sparse_tied"], tol=args.tol),
                   compare(m, "top-k codes as saved, tied values (pack_scm)",
-                          unpack_scm(pack_scm(tied, cfg.top_k), L, cfg.num_saet), dec["sparse_tied"], tol=args.tol,
+                          unpack_scm(pack_scm(tied, cfg.top_k), L, cfg.num_saet), theirs["sparse_tied"], tol=args.tol,
                           gating=False, note="compact storage keeps exactly k per (image, head), lowest position "
                           "first among ties; the original keeps every tie (speed.md bug 11, §3.3); topk_prune "
                           "above reproduces the original")]

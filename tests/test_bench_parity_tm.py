@@ -7,7 +7,6 @@ outer loop `for it in range(0, args.Iteration + 1)` with the student built by `g
 `DiffAugment`. Their loop bodies are this test's own small trajectory-matching steps."""
 import argparse
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
