@@ -182,6 +182,13 @@ def check_config(cfg: RecoverConfig) -> None:
 # --------------------------------------------------------------------------------------------- BN loss (§1.3)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast) -> fp32; fp32 and fp64 stay as they are (bench/parity_decoupled.py compares whole
+    trajectories with the originals in fp64, where Adam's first steps, g / (|g| + eps), would otherwise amplify
+    fp32 rounding of near-zero gradients)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class BNStatHooks:
     """Forward hooks on every BatchNorm2d input. For a forward of G units of n images each (stacked unit-major),
     `losses(G)` returns R_BN per unit: sum_l w_l (||m_l - mu_l|| + r_var ||v_l - s_l||), with the batch mean and
@@ -207,7 +214,7 @@ class BNStatHooks:
         total = None
         for a, bn, w in zip(self.inputs, self.layers, self.weights):
             C = a.shape[1]
-            a = a.float()
+            a = at_least_fp32(a)
             if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
                 x = a.permute(0, 2, 3, 1).reshape(groups, -1, C)                     # [G, n*H*W, C], a view
                 mean = x.mean(dim=1)
@@ -219,8 +226,8 @@ class BNStatHooks:
                 mean = x.mean(dim=3).mean(dim=1)                                      # [G, C]
                 d = x - mean[:, None, :, None]
                 var = (d * d).mean(dim=3).mean(dim=1)                                 # biased
-            r = (torch.linalg.vector_norm(mean - bn.running_mean.float(), dim=1)
-                 + self.r_var * torch.linalg.vector_norm(var - bn.running_var.float(), dim=1))
+            r = (torch.linalg.vector_norm(mean - bn.running_mean.to(a.dtype), dim=1)
+                 + self.r_var * torch.linalg.vector_norm(var - bn.running_var.to(a.dtype), dim=1))
             if self.norm == "channel-mean":
                 r = r / math.sqrt(C)
             total = w * r if total is None else total + w * r
@@ -673,7 +680,7 @@ def recover_group(units: list[Unit], cfg: RecoverConfig, teacher: Teacher, init:
                     directed_weight_adjustment(net, view, ya, cfg.dwa_steps, cfg.rho)
             with amp.autocast():
                 logits = net(xa)
-            logits = fp32(logits).reshape(G, len(pos), -1)
+            logits = at_least_fp32(logits).reshape(G, len(pos), -1)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ya, reduction="none").view(G, -1).mean(1)
             bn = hooks.losses(G)
             loss_u = ce + cfg.r_bn * bn
