@@ -130,6 +130,18 @@ def run_ours(units, cfg, teacher: Teacher, init=None, dtype=torch.float32) -> di
             "loss": torch.tensor([r["loss"] for r in res.log], dtype=torch.float64)}
 
 
+def fp32_gradient_line(method: str, quantity: str, ours, theirs, ours_fp64, tol: float, gating: bool = True,
+                       note: str = "") -> ParityLine:
+    """An fp32 pixel gradient is held to `tol`, or to twice our own fp32-vs-fp64 error of the same gradient where
+    that is larger: the original cannot be asked to agree with us more closely than fp32 rounding lets our own
+    result agree with its exact value (DWA's step-1 gradient, summed over the K ascent passes, is such a case)."""
+    own = compare(method, quantity, ours, ours_fp64).rel
+    if own * 2 > tol:
+        note = (f"tol = 2 x our fp32-vs-fp64 error {own:.1e}" + (f"; {note}" if note else ""))
+        tol = 2 * own
+    return compare(method, quantity, ours, theirs, tol=tol, gating=gating, note=note)
+
+
 def step_lines(method: str, fp32: tuple[dict, dict], fp64: tuple[dict, dict], tol: float, label: str = "",
                gating: bool = True, note: str = "") -> list[ParityLine]:
     """fp32 (the production dtype): R_BN, CE and the total loss of every step and the first step's pixel
@@ -143,7 +155,8 @@ def step_lines(method: str, fp32: tuple[dict, dict], fp64: tuple[dict, dict], to
     return [compare(method, f"BN-statistics loss R_BN, steps 1..{T}{sfx}", o["bn"], t["bn"], **kw),
             compare(method, f"CE, steps 1..{T}{sfx}", o["ce"], t["ce"], **kw),
             compare(method, f"total loss, steps 1..{T}{sfx}", o["loss"], t["loss"], **kw),
-            compare(method, f"pixel gradient, step 1{sfx}", o["grads"][0], t["grads"][0], **kw),
+            fp32_gradient_line(method, f"pixel gradient, step 1{sfx}", o["grads"][0], t["grads"][0],
+                               o64["grads"][0], tol, gating, note),
             compare(method, f"pixel gradient, steps 1..{T}, fp64{sfx}", o64["grads"], t64["grads"], **kw),
             compare(method, f"images after steps 1..{T} (Adam, cosine lr, clip), fp64{sfx}", o64["images"],
                     t64["images"], **kw)]
@@ -221,15 +234,15 @@ def check_dwa(root: Path, args) -> list[ParityLine]:
     K = 12
     lines = [compare("dwa", f"perturbed weights after the {K} ascent steps (reference flag)",
                      flat(runs[(True, f32)]["weights"]), flat(theirs32["weights"]), tol=args.tol),
-             compare("dwa", f"ascent displacement theta_K - theta_0 (reference flag)",
-                     flat(runs[(True, f32)]["weights"]) - theta0, flat(theirs32["weights"]) - theta0, tol=args.tol),
+             compare("dwa", f"ascent displacement theta_K - theta_0, fp64 (reference flag)",
+                     flat(runs[(True, f64)]["weights"]) - theta0, flat(theirs64["weights"]) - theta0, tol=args.tol),
              compare("dwa", f"perturbed weights after the {K} ascent steps (default)",
                      flat(runs[(False, f32)]["weights"]), flat(theirs32["weights"]), tol=args.tol,
                      note="the leak fix detaches the view, the weight gradient is the same")]
     lines += step_lines("dwa", (runs[(True, f32)], theirs32), (runs[(True, f64)], theirs64), args.tol,
                         "reference flag")
-    lines += [compare("dwa", "pixel gradient, step 1 (default)", runs[(False, f32)]["grads"][0],
-                      theirs32["grads"][0], tol=args.tol, gating=False, note=QUIRKS_NOTE),
+    lines += [compare("dwa", "pixel gradient, step 1, fp64 (default)", runs[(False, f64)]["grads"][0],
+                      theirs64["grads"][0], tol=args.tol, gating=False, note=QUIRKS_NOTE),
               compare("dwa", f"images after steps 1..{DWA_ITERS}, fp64 (default)", runs[(False, f64)]["images"],
                       theirs64["images"], tol=args.tol, gating=False, note=QUIRKS_NOTE)]
     return lines
@@ -380,7 +393,7 @@ def check_fkd_replay(root: Path, args, teacher: Teacher) -> list[ParityLine]:
                    "std": list(teacher.std), "batch_size": 8, "seed": args.seed, "num_classes": 10,
                    "teacher": state_dict(teacher)}
         theirs = run_original(root, ADAPTER, "fkd_relabel", payload)
-        pixels, _ = load_set_pixels(folder, None)
+        pixels, _ = load_set_pixels(folder, "CIFAR10")
     src_all = teacher.normalize(pixels)
     boxes_o, boxes_t, mix_o, mix_t, lab_o, lab_t, view_o, view_t, soft_o = ([] for _ in range(9))
     for rec in theirs["records"]:
@@ -397,8 +410,9 @@ def check_fkd_replay(root: Path, args, teacher: Teacher) -> list[ParityLine]:
         view_o.append(views)
         view_t.append(rec["mixed"])
         soft_o.append(teacher_logits(teacher.net, views))
-    note = ("ours crops/resizes the float image (antialiased bilinear), the original the 8-bit PIL image; "
-            "not bitwise by design")
+    view_err = (torch.cat(view_o) - torch.cat(view_t)).abs().max().item() * min(teacher.std) * 255
+    note = (f"ours crops/resizes the float image (antialiased bilinear), the original the 8-bit PIL image: "
+            f"views within {view_err:.2f} of an 8-bit level")
     return [compare("kd", "FKD crop boxes from the recorded coords", torch.cat(boxes_o), torch.cat(boxes_t),
                     tol=args.tol),
             compare("kd", "FKD cutmix of the same views (recorded perm/lam/box)", torch.cat(mix_o), torch.cat(mix_t),

@@ -504,3 +504,31 @@ def fkd_relabel(root, payload: dict) -> dict:
                             "views": before[len(records)], "mixed": after[len(records)]})
     del torchvision
     return {"records": records, "classes": dataset.classes}
+
+
+# ------------------------------------------------------------------------------------------------ DWA, whole run
+
+
+def dwa_distill(root, payload: dict) -> dict:
+    """DWA's CIFAR distillation run end to end (`distillation/distillation_cifar.py` main loop: main_syn per ipc
+    index, --store-best-images), our teacher's weights returned for its hard-coded checkpoint path, the init
+    tensors read from `init_path` by its own torch.load. The original seeds nothing; Python's `random` (its
+    jitter draws) is seeded here so that a run can be repeated."""
+    import os
+    _stub_wandb()
+    mod = importlib.import_module("distillation_cifar")
+    mod.wandb_metrics = {}
+    random.seed(payload["seed"])
+    torch.manual_seed(payload["seed"])
+    state = {"module." + k: v for k, v in payload["state_dict"].items()}
+    args = Namespace(dataset="cifar10", batch_size=100, iteration=payload["iterations"], lr=payload["lr"],
+                     jitter=payload["jitter"], r_bn=payload["r_bn"], first_bn_multiplier=10.0, arch_name="resnet18",
+                     verifier=False, verifier_arch=None, store_best_images=True,
+                     syn_data_path=os.path.join(payload["out"], ""), exp_name="", init_path=payload["init_path"],
+                     rho=payload["rho"], steps=payload["steps"], r_var=payload["r_var"], ipc_start=0,
+                     ipc_end=payload["ipc"])
+    args.syn_data_path = payload["out"]
+    with _patched(torch, "load", _torch_load_redirect({"resnet18_E200/ckpt.pth": {"state_dict": state}})):
+        for ipc_id in range(args.ipc_start, args.ipc_end):
+            mod.main_syn(args, ipc_id)
+    return {"written": sorted(str(p) for p in __import__("pathlib").Path(payload["out"]).rglob("*.jpg"))}
