@@ -45,7 +45,7 @@ import typer
 from networks import get_network
 from networks.registry import canonical_name
 from utils.amp import AMP_HELP, OFF, Amp, as_amp, fp32, resolve_amp
-from utils.checkpoint import capture_rng, check_finite, restore_rng, save_state
+from utils.checkpoint import capture_rng, check_finite, first_nonfinite, restore_rng, save_state
 from utils.datasets import IMAGENET_SUBSETS, DatasetSpec, get_dataset_spec, load_split, normalize, to_pixels
 from utils.dsa import DSA
 from utils.errors import UserError
@@ -236,6 +236,10 @@ def read_expert_ckpt(path: Path, key: str, expert: int, epochs: int, log: Callab
     if d.get("fingerprint") != key:
         raise UserError(f"{path} was written with other settings than this folder's experts; delete it, or pass "
                         "--overwrite to start this folder afresh")
+    bad = first_nonfinite(d)
+    if bad is not None:   # resuming would record a trajectory of garbage
+        raise UserError(f"{path} holds NaN/Inf values in '{bad}': the checkpoint is damaged; delete it to train "
+                        f"expert {expert} from its start")
     problem = None
     if d["expert"] != expert:
         problem = f"it is of expert {d['expert']}, and the next expert is {expert}"

@@ -47,7 +47,7 @@ from torch import nn
 from networks.registry import canonical_name, get_network, load_weights, parse_name
 from utils.amp import AMP_HELP, OFF, Amp, fp32, resolve_amp
 from utils.augment import apply_flip, crop_resize, draw_pad_offsets, flip_mask, pad_crop, rrc_boxes
-from utils.checkpoint import (capture_rng, check_finite, load_state, restore_rng, save_state,
+from utils.checkpoint import (capture_rng, check_finite, first_nonfinite, load_state, restore_rng, save_state,
                               settings_fingerprint)
 from utils.datasets import (DatasetSpec, dataset_labels, decode_files, get_dataset_spec, normalize, open_split,
                             per_class_indices, read_split)
@@ -444,6 +444,10 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         "another --out")
+    bad = first_nonfinite(d)
+    if bad is not None:
+        raise UserError(f"{path} holds NaN/Inf values in '{bad}': the checkpoint is damaged; pass --overwrite to "
+                        "start afresh or use another --out")
     return TrainState(epoch=d["epoch"], step=0, model=d["model"], optimizer=d["optimizer"],
                       generator=d["generator"], epoch_generator=d["generator"],
                       stats=torch.zeros(3, dtype=torch.float64),

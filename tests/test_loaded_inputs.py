@@ -240,3 +240,18 @@ def test_checkpoint_with_nan_values_is_refused_naming_the_file(tmp_path):
     save_state(bad, tmp_path / "ckpt.pt", "fmt", "abc")
     with pytest.raises(UserError, match=r"ckpt\.pt holds NaN/Inf values in 'weights\.moments\.0'.*--overwrite"):
         load_state(tmp_path / "ckpt.pt", _State, "fmt", "abc", "x.py")
+
+
+def test_expert_checkpoint_with_nan_values_is_refused_naming_the_file(tmp_path):
+    """buffer.py reads its expert checkpoints itself (stale ones of another expert are dropped, not refused); a
+    damaged one is refused like any resume checkpoint."""
+    import buffer
+    state = {"format": buffer.EXPERT_CKPT_FORMAT, "fingerprint": "k", "expert": 0, "epoch": 1,
+             "model": {"w": torch.ones(2)}, "optimizer": {}, "trajectory": [[torch.ones(2)], [torch.ones(2)]],
+             "generator": torch.Generator().get_state(), "rng": {}, "rows": [], "seconds": 1.0}
+    torch.save(state, tmp_path / "expert_ckpt.pt")
+    assert buffer.read_expert_ckpt(tmp_path / "expert_ckpt.pt", "k", 0, 3, print).epoch == 1
+    state["trajectory"][1][0][1] = float("nan")
+    torch.save(state, tmp_path / "expert_ckpt.pt")
+    with pytest.raises(UserError, match=r"expert_ckpt\.pt holds NaN/Inf values in 'trajectory\.1\.0'"):
+        buffer.read_expert_ckpt(tmp_path / "expert_ckpt.pt", "k", 0, 3, print)

@@ -65,7 +65,7 @@ def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage
     if d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} belongs to a run with other settings; pass --overwrite to start afresh or use "
                         f"another {out_flag}")
-    bad = _first_nonfinite(d)
+    bad = first_nonfinite(d)
     if bad is not None:   # resuming would train on, and report, garbage (or blame the lr for the NaN loss)
         raise UserError(f"{path} holds NaN/Inf values in '{bad}': the checkpoint is damaged; pass --overwrite to "
                         f"start afresh or use another {out_flag}")
@@ -76,13 +76,13 @@ def load_state(path: str | Path, cls: type[T], fmt: str, fingerprint: str, stage
         raise UserError(f"{path} is an incomplete {stage} checkpoint ({e})") from None
 
 
-def _first_nonfinite(obj: Any, where: str = "") -> str | None:
+def first_nonfinite(obj: Any, where: str = "") -> str | None:
     """The key path of the first floating tensor holding NaN/Inf inside nested dicts/lists, or None."""
     if isinstance(obj, torch.Tensor):
         return (where or "tensor") if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
-        found = _first_nonfinite(value, f"{where}.{key}" if where else str(key))
+        found = first_nonfinite(value, f"{where}.{key}" if where else str(key))
         if found is not None:
             return found
     return None
