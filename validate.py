@@ -456,6 +456,13 @@ def validate(syn: SyntheticSet | None, spec: DatasetSpec, train, test, *,
             res["random"] = train_arm("random", model, None, None, real_prep, spec, recipe, seeds, score, device,
                                       log, pick=pick, ckpt=ckpt)
             res["random"]["ipc"] = ipc
+            if "noaug" in baselines:  # DD-Ranking's ARS: both arms again without the recipe's augmentation
+                plain = replace(recipe, dsa=None, mix_p=0.0)
+                if syn is not None:
+                    res["syn_noaug"] = train_arm("syn_noaug", model, images, labels, syn_prep, spec, plain, seeds,
+                                                 score, device, log, ckpt=ckpt)
+                res["random_noaug"] = train_arm("random_noaug", model, None, None, real_prep, spec, plain, seeds,
+                                                score, device, log, pick=pick, ckpt=ckpt)
         if "herding" in baselines:
             res["herding"] = train_arm("herding", model, None, None, real_prep, spec, recipe, seeds, score, device,
                                        log, pick=pick_herding, ckpt=ckpt)
@@ -848,7 +855,8 @@ def main(
     baseline: list[str] = typer.Option([], "--baseline", help="Also train on: 'random' (a random real subset of "
                                        "the set's storage IPC, same recipe and seeds), 'herding' (a herding subset "
                                        "of that IPC, selected once; see --herding-model) and/or 'full' (all real "
-                                       "training data). Repeat the flag for several."),
+                                       "training data); 'noaug' (with random: the set and the random subset again "
+                                       "without DSA/CutMix, for DD-Ranking's ARS). Repeat the flag for several."),
     ipc: Optional[int] = typer.Option(None, "--ipc", "--IPC", help="IPC of the random and herding baselines "
                                       "(default: the set's storage IPC); required when no --syn is given. With an "
                                       "ImageFolder set (SRe2L/DWA/DELT, recover.py) it also takes the first N "
@@ -975,8 +983,11 @@ def main(
     if env_info().enabled:
         raise UserError("torchrun runs the KD protocol only (--teacher); run hard-label validation as one process")
     for b in baseline:
-        if b not in ("random", "herding", "full"):
-            raise UserError(f"unknown --baseline '{b}' (random, herding, full)")
+        if b not in ("random", "herding", "full", "noaug"):
+            raise UserError(f"unknown --baseline '{b}' (random, herding, full, noaug)")
+    if "noaug" in baseline and "random" not in baseline:
+        raise UserError("--baseline noaug trains the set and the random subset without augmentation (DD-Ranking's "
+                        "ARS): add --baseline random")
     if preset is not None and preset.lower() not in PRESETS:
         raise UserError(f"unknown --preset '{preset}' ({', '.join(PRESETS + tuple(KD_PRESETS))})")
     preset = preset.lower() if preset else None
@@ -1092,8 +1103,8 @@ def main(
               **by_model[base_model], "by_model": by_model, "config": config,
               "note": "test accuracy after the last epoch (fractions); std = population std over runs"}
     # the set's arm trains on its hard labels here, so it is also DD-Ranking's hard-label synthetic arm
-    report["dd_ranking"] = {m: ddranking.scores(arms, syn_hard="syn", full_hard="full")
-                            for m, arms in by_model.items()}
+    report["dd_ranking"] = {m: ddranking.scores(arms, syn_hard="syn", full_hard="full", syn_noaug="syn_noaug",
+                                                random_noaug="random_noaug") for m, arms in by_model.items()}
     atomic_write_json(report, results)
     for m, arms in by_model.items():
         for arm, s in arms.items():
@@ -1146,6 +1157,8 @@ def run_kd(c: dict) -> None:
         known = ", ".join(KD_PRESETS)
         raise UserError(f"--preset {c['preset']} is not a KD protocol; with --teacher use one of: {known}")
     for b in c["baseline"]:
+        if b == "noaug":
+            raise UserError("--baseline noaug (DD-Ranking's ARS arms) is for the hard-label protocols, not KD")
         if b not in ("random", "herding", "full"):
             raise UserError(f"unknown --baseline '{b}' (random, herding, full)")
     if c["syn"] is None and not c["baseline"]:

@@ -520,6 +520,7 @@ def test_cli_kd_preset_fills_the_recipe_and_flags_override(kd_files, monkeypatch
     (["--dsa-mode", "idc"], "hard-label protocols"),
     (["--kd-mix", "bogus"], "unknown --kd-mix 'bogus'"),
     (["--crop-scale", "0.5"], "--crop-scale takes two numbers"),
+    (["--baseline", "noaug"], "--baseline noaug (DD-Ranking's ARS arms) is for the hard-label protocols, not KD"),
 ])
 def test_cli_kd_bad_input_is_one_line_error(kd_files, monkeypatch, extra, msg):
     monkeypatch.setenv("DDT_CACHE", str(kd_files / "cache"))

@@ -440,3 +440,33 @@ def test_zca_set_validates_without_dataset_flag(mnist, tmp_path):
                                           "ConvNet-1", "--epochs", "2", "--runs", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "set" / "results.json").read_text())["space"] == "zca"
+
+
+def test_noaug_baseline_trains_ars_arms_without_augmentation(mnist, tmp_path, monkeypatch):
+    """--baseline noaug: the set and random arms again with the same recipe minus DSA and CutMix, and DD-Ranking's
+    ARS from the two pairs (same seeds); without --baseline random it is a one-line error."""
+    tr, spec = load_split("MNIST", mnist, "train")
+    save_synset(pixel_set(to_pixels(tr.images[::4]), tr.labels[::4], spec, method="every-4th"), tmp_path / "set")
+    recipes = []
+    real = validate.train_arm
+
+    def spy(arm, model, inputs, labels, prepare, spec, recipe, *a, **k):
+        recipes.append((arm, recipe.dsa is not None, recipe.mix_p))
+        return real(arm, model, inputs, labels, prepare, spec, recipe, *a, **k)
+    monkeypatch.setattr(validate, "train_arm", spy)
+    args = ["--syn", str(tmp_path / "set"), "--data-path", str(mnist), "--model", "ConvNet-1", "--epochs", "2",
+            "--runs", "2", "--batch-size", "32", "--dsa", "--mix-p", "0.5", "--quiet", "--results",
+            str(tmp_path / "r.json")]
+    r = CliRunner().invoke(validate.app, [*args, "--baseline", "random", "--baseline", "noaug"])
+    assert r.exit_code == 0, r.output
+    assert recipes == [("syn", True, 0.5), ("random", True, 0.5), ("syn_noaug", False, 0.0),
+                       ("random_noaug", False, 0.0)]
+    rep = json.loads((tmp_path / "r.json").read_text())
+    dd = rep["dd_ranking"]["ConvNet-1"]
+    squash = lambda x: (np.exp(x) - np.exp(-1)) / (np.e - np.exp(-1))  # noqa: E731
+    want = [squash(0.5 * (s - r) + 0.5 * (sn - rn)) for s, r, sn, rn in
+            zip(rep["syn"]["runs"], rep["random"]["runs"], rep["syn_noaug"]["runs"], rep["random_noaug"]["runs"])]
+    assert dd["ARS"]["runs"] == pytest.approx(want) and rep["random_noaug"]["seeds"] == rep["syn"]["seeds"]
+    r = CliRunner().invoke(validate.app, [*args, "--baseline", "noaug"])
+    assert r.exit_code == 2 and "--baseline noaug trains the set and the random subset without augmentation" \
+        in r.output
