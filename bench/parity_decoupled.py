@@ -1,4 +1,5 @@
 """Parity of recover.py (SRe2L, DWA, DELT), utils/kd.py and relabel.py's FKD replay with the originals' code.
+Bare `§N` references in this module are sections of docs/methods/decoupled.md.
 
     python bench/parity.py --method sre2l --original /path/to/SRe2L
     python bench/parity.py --method dwa   --original /path/to/Diversity-Driven-Synthesis
