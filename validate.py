@@ -1083,7 +1083,8 @@ def main(
     key = config_key(config)
     inputs = input_digests(syn, synset)
     log = open_results_log(results.with_suffix(".csv"), key, inputs, quiet, overwrite)
-    arms = (["syn"] if synset is not None else []) + list(baseline)
+    arms = (["syn"] if synset is not None else []) + [a for b in baseline for a in (
+        (["syn_noaug"] if synset is not None else []) + ["random_noaug"] if b == "noaug" else [b])]
     log.info(f"validate: {spec.name} ({spec.num_classes} classes, {spec.resolution}px), arms {arms}, models "
              f"{models}, {runs} runs, {recipe.epochs} epochs (full: {full_epochs}), lr {recipe.lr:g}, batch "
              f"{recipe.batch_size}, CutMix p {recipe.mix_p:g}, preset {preset or 'none'}, device {dev}")
