@@ -231,7 +231,7 @@ def match_grad(root: Path, payload: dict) -> dict:
     nclass, c = int(payload["nclass"]), int(payload["label"])
     synset = condense.Synthesizer(args, nclass, stored.shape[1], stored.shape[2], stored.shape[3])
     synset.data = stored.clone().requires_grad_(True)
-    model = _load_convnet(args, nclass, payload["state_dict"])
+    model = _load_convnet(args, nclass, payload["state_dict"]).to(stored.dtype)
     model.train()
     real = payload["real"]
     lab = torch.full((len(real),), c, dtype=torch.long)
