@@ -694,7 +694,8 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
     dev = resolve_device(device) if isinstance(device, str) else device
     resolve_amp(overrides.get("amp"), dev)   # a bad mode fails before any data is read
     paths = output_paths(Path(out))
-    if paths["teacher"].exists() and not paths["ckpt"].exists() and not overwrite:
+    if paths["teacher"].exists() and not paths["ckpt"].exists() and not overwrite \
+            and finished_squeeze_fingerprint(paths["teacher"]) is None:
         raise UserError(f"{paths['teacher']} already exists; pass --overwrite to replace it or choose another --out")
     info = init_distributed(dev)
     dev = device_for(info, dev)
@@ -708,6 +709,19 @@ def squeeze(dataset: Optional[str], data_path: str | Path, out: str | Path, reci
                             ckpt_every)
     finally:
         cleanup(info)
+
+
+def finished_squeeze_fingerprint(teacher_path: Path) -> Optional[str]:
+    """The settings fingerprint a teacher file written by squeeze.py's training records (None for any other file:
+    wrapped weights, foreign or unreadable files), so a re-run can tell its own finished result from another's."""
+    try:
+        obj = safe_torch_load(teacher_path, "teacher checkpoint")
+    except UserError:
+        return None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or meta.get("source") != "squeeze.py":
+        return None
+    return meta.get("fingerprint") if isinstance(meta.get("fingerprint"), str) else None
 
 
 def _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume, overwrite, stop_after, quiet,
@@ -732,6 +746,14 @@ def _squeeze(spec, rec_name, rec, data_path, paths, overrides, dev, info, resume
     get_network(cfg.arch, cfg.channels, cfg.num_classes, cfg.resolution)   # a bad arch/size fails before writing
     fingerprint = settings_fingerprint({**cfg.fingerprint_fields(), "train_images": len(train),
                                         "world_size": info.world_size})
+    if paths["teacher"].exists() and not paths["ckpt"].exists() and not overwrite:
+        # A finished run (its checkpoint is removed right after the teacher is written, so a kill in between, or a
+        # plain re-run, lands here): the same settings mean there is nothing left to do, and nothing is rewritten.
+        if finished_squeeze_fingerprint(paths["teacher"]) != fingerprint:
+            raise UserError(f"{paths['teacher']} already exists (from other settings); pass --overwrite to replace "
+                            f"it or choose another --out")
+        log.info(f"{paths['teacher']} is already complete for these settings; nothing to do")
+        return dict(safe_torch_load(paths["teacher"], "teacher checkpoint").get("meta", {}))
     state = None
     if paths["ckpt"].exists() and resume and not overwrite:
         state = load_checkpoint(paths["ckpt"], fingerprint)

@@ -115,8 +115,14 @@ def test_resume_equals_uninterrupted_and_refuses_other_settings(folder, tmp_path
     assert [r["train_loss"] for r in rows(tmp_path / "whole_log.csv")] == \
         [r["train_loss"] for r in rows(tmp_path / "part_log.csv")]
     assert not (tmp_path / "part.pt.ckpt").exists()
-    with pytest.raises(UserError, match="--overwrite"):   # a finished teacher is not replaced silently
-        squeeze.squeeze("ImageFolder", folder, part, None, small(), quiet=True)
+    # the same command again (e.g. after a kill between writing the teacher and removing the checkpoint): nothing
+    # to do and nothing rewritten; other settings never replace a finished teacher silently
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("part*")}
+    again = squeeze.squeeze("ImageFolder", folder, part, None, small(), quiet=True)
+    assert again["fingerprint"] == a["meta"]["fingerprint"] and again["test_acc"] == a["meta"]["test_acc"]
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("part*")} == files
+    with pytest.raises(UserError, match="other settings.*--overwrite"):
+        squeeze.squeeze("ImageFolder", folder, part, None, small(lr=0.02), quiet=True)
     other = squeeze.squeeze("ImageFolder", folder, part, None, small(seed=4), quiet=True, overwrite=True)
     assert other["settings"]["seed"] == 4
     # --no-resume starts afresh even over a checkpoint of other settings (which a resume would refuse)
