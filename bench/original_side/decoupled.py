@@ -494,8 +494,11 @@ def fkd_relabel(root, payload: dict) -> dict:
             gsl.save(loader, teacher, tmp, args)
         records = []
         for b in range(len(loader)):
-            coords, flip, mix_index, lam, bbox, logits = torch.load(os.path.join(tmp, f"batch_{b}.tar"),
-                                                                    weights_only=False)
+            # the original's batch file holds tensors plus numpy scalars (lam, bbox): allow those, nothing else
+            with torch.serialization.safe_globals([np.core.multiarray.scalar, np.dtype,
+                                                   type(np.dtype("float64")), type(np.dtype("int64"))]):
+                coords, flip, mix_index, lam, bbox, logits = torch.load(os.path.join(tmp, f"batch_{b}.tar"),
+                                                                        weights_only=True)
             n = len(coords)
             records.append({"coords": coords, "flip": flip, "perm": mix_index, "lam": float(lam),
                             "bbox": torch.tensor([int(v) for v in bbox]), "logits": logits,
