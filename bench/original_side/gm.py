@@ -93,7 +93,7 @@ def condense_run(root: Path, payload: dict) -> dict:
         _stop_after_outer(condense, stop_after, captured)
     try:
         condense.condense(args, Logger(str(save)), device="cpu")
-        data, targets = torch.load(save / "data.pt")
+        data, targets = torch.load(save / "data.pt", weights_only=True)
     except _Stopped:
         data, targets = captured["data"], captured["targets"]
         torch.save([data, targets], save / "data.pt")
