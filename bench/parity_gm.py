@@ -339,7 +339,7 @@ def check_dream(root: Path, args) -> list[ParityLine]:
                          theirs["features"]))
     lines.append(compare(method, "embeddings (default: normalised input)", ours.embed_all(net, images, spec, True),
                          theirs["features"], gating=False,
-                         note="fix: DREAM embeds unnormalised pixels (§7.1 quirk); --dream-embed raw reproduces"))
+                         note="fix: DREAM embeds unnormalised pixels (idc_dream.md §7.1 quirk); --dream-embed raw reproduces"))
     chosen = ours.dream_batch(net, images, k, spec, cfg_raw, dgen)
     lines += representative_lines(method, "condense.dream_batch, --dream-embed raw", theirs["features"],
                                   theirs["centres"], chosen, theirs["indices"])
