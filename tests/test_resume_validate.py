@@ -160,28 +160,36 @@ def test_train_network_resumed_from_its_epoch_hook_equals_one_go(schedule, at):
     assert not all(torch.equal(init[k], v) for k, v in net.state_dict().items())   # it did train
 
 
-def test_train_network_kd_resumed_from_its_epoch_hook_equals_one_go():
+def _kd_one_go_then_resumed(epochs: int, hook: dict, resume_from) -> dict:
+    """Train a KD student in one go with `hook` (on_epoch_end / on_step) filling a snapshot, train a fresh one
+    resumed from that snapshot, and assert both end with the same losses and weights."""
     spec = get_dataset_spec("MNIST")
     torch.manual_seed(0)
     x, y = torch.rand(10, 1, 28, 28), torch.arange(10)
-    teacher = freeze(get_network(STUDENT, 1, 10, 28))
-    soft = kd.teacher_soft_targets(teacher)
-    recipe = kd.KDRecipe(epochs=5, lr=3e-3, batch_size=4, temperature=4.0, mix="cutmix", crop="rrc",
+    soft = kd.teacher_soft_targets(freeze(get_network(STUDENT, 1, 10, 28)))
+    recipe = kd.KDRecipe(epochs=epochs, lr=3e-3, batch_size=4, temperature=4.0, mix="cutmix", crop="rrc",
                          crop_scale=(0.5, 1.0))
     prep = lambda v: normalize(v, spec.mean, spec.std)  # noqa: E731
     torch.manual_seed(1)
     net = get_network(STUDENT, 1, 10, 28)
     gen, snap = torch.Generator().manual_seed(2), {}
+    (name, make_hook), = hook.items()
     losses = kd.train_network_kd(net, x, y, recipe, gen, torch.device("cpu"), soft_targets=soft, prepare=prep,
-                                 on_epoch_end=_snapshot(2, snap, gen))
+                                 **{name: make_hook(snap, gen)})
     resumed = get_network(STUDENT, 1, 10, 28)
     resumed.load_state_dict(snap["net"])
     gen2 = torch.Generator()
     gen2.set_state(snap["gen"])
     rest = kd.train_network_kd(resumed, x, y, recipe, gen2, torch.device("cpu"), soft_targets=soft, prepare=prep,
-                               resume=TrainResume(2, snap["opt"], snap["losses"]))
+                               resume=resume_from(snap))
     assert rest == losses
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed.state_dict().values()))
+    return snap
+
+
+def test_train_network_kd_resumed_from_its_epoch_hook_equals_one_go():
+    _kd_one_go_then_resumed(5, {"on_epoch_end": lambda snap, gen: _snapshot(2, snap, gen)},
+                            lambda snap: TrainResume(2, snap["opt"], snap["losses"]))
 
 
 # --------------------------------------------------------------------------------------- the stage
@@ -353,28 +361,8 @@ def test_train_network_resumed_from_inside_an_epoch_equals_one_go(schedule, k):
 
 
 def test_train_network_kd_resumed_from_inside_an_epoch_equals_one_go():
-    spec = get_dataset_spec("MNIST")
-    torch.manual_seed(0)
-    x, y = torch.rand(10, 1, 28, 28), torch.arange(10)
-    teacher = freeze(get_network(STUDENT, 1, 10, 28))
-    soft = kd.teacher_soft_targets(teacher)
-    recipe = kd.KDRecipe(epochs=4, lr=3e-3, batch_size=4, temperature=4.0, mix="cutmix", crop="rrc",
-                         crop_scale=(0.5, 1.0))
-    prep = lambda v: normalize(v, spec.mean, spec.std)  # noqa: E731
-    torch.manual_seed(1)
-    net = get_network(STUDENT, 1, 10, 28)
-    gen, snap = torch.Generator().manual_seed(2), {}
-    losses = kd.train_network_kd(net, x, y, recipe, gen, torch.device("cpu"), soft_targets=soft, prepare=prep,
-                                 on_step=_stop_after_step(5, snap, gen))   # 3 steps per epoch: epoch 1, step 2
-    assert (snap["position"].epoch, snap["position"].step) == (1, 2)
-    resumed = get_network(STUDENT, 1, 10, 28)
-    resumed.load_state_dict(snap["net"])
-    gen2 = torch.Generator()
-    gen2.set_state(snap["gen"])
-    rest = kd.train_network_kd(resumed, x, y, recipe, gen2, torch.device("cpu"), soft_targets=soft, prepare=prep,
-                               resume=_resume_from(snap))
-    assert rest == losses
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed.state_dict().values()))
+    snap = _kd_one_go_then_resumed(4, {"on_step": lambda snap, gen: _stop_after_step(5, snap, gen)}, _resume_from)
+    assert (snap["position"].epoch, snap["position"].step) == (1, 2)   # 3 steps per epoch: epoch 1, step 2
 
 
 @pytest.mark.parametrize("protocol", ["ce", "kd"])
