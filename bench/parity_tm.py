@@ -280,6 +280,20 @@ def _freenet_grads(net) -> dict:
     return {k: p.grad for k, p in net.named_parameters()}
 
 
+
+def _speed_step_lines(m: str, tag: str, o: dict, theirs: dict, tol: float, *, with_l1: bool,
+                      note: str = "") -> list:
+    """One unrolled SPEED step compared: the matching loss (and the L1 term), and the gradients w.r.t. SAET, SCM,
+    FReeNet (worst tensor) and syn_lr."""
+    lines = [compare(m, f"matching loss{tag}", o["match"], theirs["loss"], tol=tol, note=note)]
+    if with_l1:
+        lines.append(compare(m, f"L1 term{tag}", o["reg"], theirs["l1"], tol=tol))
+    return lines + [
+        compare(m, f"d loss / d SAET{tag}", o["params"].saet.grad, theirs["grad_saet"], tol=tol),
+        compare(m, f"d loss / d SCM (incl. L1){tag}", o["params"].scm.grad, theirs["grad_scm"], tol=tol),
+        _worst(m, f"d loss / d FReeNet{tag}", _freenet_grads(o["params"].freenet), theirs["grad_freenet"], tol),
+        compare(m, f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"], tol=tol)]
+
 def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     """SPEED: matching loss and L1 term; d total loss / d SAET, SCM, FReeNet, syn_lr (whole unroll and
     --checkpoint-unroll); the tensors after the four outer steps and the lr clamp; the decode of the dense codes,
@@ -320,15 +334,7 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
     lines = [compare(m, "student parameter layout (sizes, in order)", ours["layout"], torch.tensor(theirs["layout"]),
                      tol=args.tol)]
     for name, tag in (("unrolled", ""), ("checkpointed", " [--checkpoint-unroll]")):
-        o = ours[name]
-        lines += [compare(m, f"matching loss{tag}", o["match"], theirs["loss"], tol=args.tol),
-                  compare(m, f"L1 term{tag}", o["reg"], theirs["l1"], tol=args.tol),
-                  compare(m, f"d loss / d SAET{tag}", o["params"].saet.grad, theirs["grad_saet"], tol=args.tol),
-                  compare(m, f"d loss / d SCM (incl. L1){tag}", o["params"].scm.grad, theirs["grad_scm"],
-                          tol=args.tol),
-                  _worst(m, f"d loss / d FReeNet{tag}", _freenet_grads(o["params"].freenet), theirs["grad_freenet"],
-                         args.tol),
-                  compare(m, f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs["grad_syn_lr"], tol=args.tol)]
+        lines += _speed_step_lines(m, tag, ours[name], theirs, args.tol, with_l1=True)
     upd = ours["updated"]
     lines += [compare(m, "SAET after the outer step", upd.saet.detach(), theirs["saet"], tol=args.tol),
               compare(m, "SCM after the outer step", upd.scm.detach(), theirs["scm"], tol=args.tol),
@@ -361,14 +367,8 @@ def check_speed(root: Path, args, case: TMCase = TMCase()) -> list[ParityLine]:
         **payload_dsa, "syn_steps": cfg_dsa.syn_steps, "through": "backward", "dsa_state": ours_dsa["dsa_state"],
         "dsa_strategy": cfg_dsa.dsa_strategy,
         "perms": permutations(ours_dsa["batch_state"], n, cfg_dsa.syn_steps)}, threads=getattr(args, "threads", 1))
-    o, note, tag = ours_dsa["unrolled"], _dsa_note(ours_dsa), f" [DSA, {cfg_dsa.syn_steps} steps]"
-    lines += [compare(m, f"matching loss{tag}", o["match"], theirs_dsa["loss"], tol=args.tol, note=note),
-              compare(m, f"d loss / d SAET{tag}", o["params"].saet.grad, theirs_dsa["grad_saet"], tol=args.tol),
-              compare(m, f"d loss / d SCM (incl. L1){tag}", o["params"].scm.grad, theirs_dsa["grad_scm"],
-                      tol=args.tol),
-              _worst(m, f"d loss / d FReeNet{tag}", _freenet_grads(o["params"].freenet), theirs_dsa["grad_freenet"],
-                     args.tol),
-              compare(m, f"d loss / d syn_lr{tag}", o["alpha"].grad, theirs_dsa["grad_syn_lr"], tol=args.tol)]
+    lines += _speed_step_lines(m, f" [DSA, {cfg_dsa.syn_steps} steps]", ours_dsa["unrolled"], theirs_dsa, args.tol,
+                               with_l1=False, note=_dsa_note(ours_dsa))
     return lines + expert_lines("speed", root, args, case, [(" (buffer.py default)", True, True, "")])
 
 
